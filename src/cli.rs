@@ -1,0 +1,379 @@
+//! Command line: `serve` runs the daemon; every other command is a client of its socket
+//! (or, for `check-config`, a look at files only).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::client::{Client, Reply};
+use crate::config::{self, Config};
+
+#[derive(Parser)]
+#[command(name = "incountry-keyd", version, about = "HSM-backed key daemon for InCountry Border")]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "INCOUNTRY_KEYD_CONFIG")]
+    config: Option<PathBuf>,
+    /// The daemon's socket (default: server.socket from the config).
+    #[arg(long, global = true, env = "INCOUNTRY_KEYD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Serve,
+    /// Validate the configuration and the PIN file without starting.
+    CheckConfig,
+    /// Manage keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// Print a key's InCountry SDK secrets document.
+    Secrets {
+        env: String,
+        country: String,
+        /// Keep running and print each new document when the key's versions change.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// All keys.
+    List,
+    /// One key and its versions.
+    Show { env: String, country: String },
+    /// Create a key, or add a version of the given type to an existing one.
+    Create {
+        env: String,
+        country: String,
+        #[arg(long = "type", default_value = "incountry-managed")]
+        kind: String,
+        /// 30, 60, 180 or 360.
+        #[arg(long)]
+        rotation_period_days: Option<u32>,
+        #[command(flatten)]
+        code: Code,
+    },
+    /// Make a new managed version active now.
+    Rotate {
+        env: String,
+        country: String,
+        #[arg(long)]
+        rotation_period_days: Option<u32>,
+        #[command(flatten)]
+        code: Code,
+    },
+    /// Change a key's rotation period.
+    Settings {
+        env: String,
+        country: String,
+        #[arg(long)]
+        rotation_period_days: u32,
+        #[command(flatten)]
+        code: Code,
+    },
+}
+
+#[derive(clap::Args)]
+struct Code {
+    /// Verification code (TOTP) for admin changes.
+    #[arg(long)]
+    code: Option<String>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("incountry-keyd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    match cli.cmd {
+        Cmd::Serve => crate::daemon::serve(config_path).map(|_| ExitCode::SUCCESS),
+        Cmd::CheckConfig => check_config(&config_path),
+        cmd => {
+            let socket = socket_path(cli.socket.as_deref(), &config_path);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(client_command(Client::new(&socket), cmd, cli.json))
+        }
+    }
+}
+
+fn socket_path(flag: Option<&Path>, config_path: &Path) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    Config::load(config_path)
+        .map(|c| c.server.socket)
+        .unwrap_or_else(|_| PathBuf::from(config::DEFAULT_SOCKET))
+}
+
+fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(path)?;
+    let pin = cfg.hsm.pin_path()?;
+    crate::daemon::read_pin(&pin)?;
+    if !cfg.hsm.module.exists() {
+        bail!("hsm.module {} does not exist", cfg.hsm.module.display());
+    }
+    println!(
+        "{}: OK (token `{}`, PIN file {}, state {}, socket {}, verification {:?})",
+        path.display(),
+        cfg.hsm.token_label,
+        pin.display(),
+        cfg.state.dir.display(),
+        cfg.server.socket.display(),
+        cfg.verification.mode
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn key_path(env: &str, country: &str) -> String {
+    format!("/v1/keys/{env}/{country}")
+}
+
+async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Keys { cmd } => keys(&client, cmd, as_json).await,
+        Cmd::Secrets {
+            env,
+            country,
+            watch,
+        } => secrets(&client, &env, &country, watch).await,
+        Cmd::Serve | Cmd::CheckConfig => unreachable!("handled before connecting"),
+    }
+}
+
+async fn keys(client: &Client, cmd: KeysCmd, as_json: bool) -> anyhow::Result<ExitCode> {
+    let reply = match cmd {
+        KeysCmd::List => {
+            let reply = ok(client.request(Method::GET, "/v1/keys", &[], None).await?)?;
+            if !as_json {
+                print_key_list(&reply.json()?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            reply
+        }
+        KeysCmd::Show { env, country } => {
+            let reply = ok(client
+                .request(Method::GET, &key_path(&env, &country), &[], None)
+                .await?)?;
+            if !as_json {
+                print_key(&reply.json()?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            reply
+        }
+        KeysCmd::Create {
+            env,
+            country,
+            kind,
+            rotation_period_days,
+            code,
+        } => {
+            let body = json!({"type": kind, "rotation_period_days": rotation_period_days});
+            admin(client, Method::POST, &key_path(&env, &country), body, code).await?
+        }
+        KeysCmd::Rotate {
+            env,
+            country,
+            rotation_period_days,
+            code,
+        } => {
+            let body = match rotation_period_days {
+                Some(d) => json!({ "rotation_period_days": d }),
+                None => json!({}),
+            };
+            let path = format!("{}/rotate", key_path(&env, &country));
+            admin(client, Method::POST, &path, body, code).await?
+        }
+        KeysCmd::Settings {
+            env,
+            country,
+            rotation_period_days,
+            code,
+        } => {
+            let body = json!({ "rotation_period_days": rotation_period_days });
+            admin(client, Method::PATCH, &key_path(&env, &country), body, code).await?
+        }
+    };
+    let doc = reply.json()?;
+    if as_json {
+        println!("{doc}");
+    } else if let Some(v) = doc.get("version") {
+        println!(
+            "{}/{}: version {v} ({}) is active",
+            doc["environment"].as_str().unwrap_or("?"),
+            doc["country"].as_str().unwrap_or("?"),
+            doc["type"].as_str().unwrap_or("?")
+        );
+    } else {
+        print_key(&doc);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn admin(
+    client: &Client,
+    method: Method,
+    path: &str,
+    mut body: Value,
+    code: Code,
+) -> anyhow::Result<Reply> {
+    if let Some(obj) = body.as_object_mut() {
+        obj.retain(|_, v| !v.is_null());
+    }
+    let headers: Vec<(&str, &str)> = code
+        .code
+        .as_deref()
+        .map(|c| vec![("x-verification-code", c)])
+        .unwrap_or_default();
+    ok(client
+        .request(method, path, &headers, Some(body.to_string().into_bytes()))
+        .await?)
+}
+
+fn ok(reply: Reply) -> anyhow::Result<Reply> {
+    if reply.status.is_success() || reply.status == StatusCode::NOT_MODIFIED {
+        Ok(reply)
+    } else {
+        bail!("{}", reply.error_line())
+    }
+}
+
+async fn secrets(client: &Client, env: &str, country: &str, watch: bool) -> anyhow::Result<ExitCode> {
+    let base = format!("{}/secrets", key_path(env, country));
+    let mut etag: Option<String> = None;
+    loop {
+        let (path, headers) = match &etag {
+            Some(tag) => (format!("{base}?wait=300"), vec![("if-none-match", tag.as_str())]),
+            None => (base.clone(), vec![]),
+        };
+        let reply = ok(client.request(Method::GET, &path, &headers, None).await?)?;
+        if reply.status == StatusCode::OK {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&reply.body)?;
+            out.write_all(b"\n")?;
+            out.flush()?;
+            etag = reply
+                .headers
+                .get("etag")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
+        if !watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if etag.is_none() {
+            bail!("the daemon sent no ETag; cannot watch");
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| rows.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_key(doc: &Value) {
+    println!(
+        "{}/{}  rotation period: {} months",
+        text(&doc["environment"]),
+        text(&doc["country"]),
+        text(&doc["rotation_period_months"])
+    );
+    if let Some(problem) = doc["problem"].as_str() {
+        println!("PROBLEM: {problem}");
+    }
+    let rows: Vec<Vec<String>> = doc["versions"]
+        .as_array()
+        .map(|vs| {
+            vs.iter()
+                .rev()
+                .map(|v| {
+                    vec![
+                        text(&v["version"]),
+                        text(&v["type"]),
+                        text(&v["rotation_period_months"]),
+                        text(&v["created"]),
+                        text(&v["status"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print_table(
+        &["VERSION", "TYPE", "ROTATION PERIOD (MONTHS)", "CREATED", "STATUS"],
+        &rows,
+    );
+}
+
+fn print_key_list(doc: &Value) {
+    let rows: Vec<Vec<String>> = doc["keys"]
+        .as_array()
+        .map(|ks| {
+            ks.iter()
+                .map(|k| {
+                    vec![
+                        text(&k["environment"]),
+                        text(&k["country"]),
+                        text(&k["active_version"]),
+                        text(&k["versions"]),
+                        text(&k["rotation_period_months"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print_table(
+        &["ENVIRONMENT", "COUNTRY", "ACTIVE", "VERSIONS", "ROTATION PERIOD (MONTHS)"],
+        &rows,
+    );
+}

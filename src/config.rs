@@ -1,0 +1,340 @@
+//! The TOML configuration (`version = 1`). Unknown fields are refused by name; names in
+//! access lists are resolved to uids and gids when the file is loaded, so a typo fails at
+//! start (or at reload, which then keeps the old config) rather than silently matching nobody.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Deserializer};
+
+pub const DEFAULT_PATH: &str = "/etc/incountry-keyd/keyd.toml";
+pub const DEFAULT_SOCKET: &str = "/run/incountry-keyd/keyd.sock";
+pub const ALLOWED_VERSIONS_PER_DAY: std::ops::RangeInclusive<u32> = 1..=1000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub version: u32,
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub hsm: Hsm,
+    #[serde(default)]
+    pub state: State,
+    #[serde(default)]
+    pub access: Access,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub verification: Verification,
+    #[serde(default)]
+    pub aws: Aws,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    pub socket: PathBuf,
+    /// Octal string, e.g. "0660".
+    #[serde(deserialize_with = "de_mode")]
+    pub socket_mode: u32,
+    /// Largest request body in bytes.
+    pub max_body: usize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: 0o660,
+            max_body: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hsm {
+    pub module: PathBuf,
+    pub token_label: String,
+    /// Where the user PIN is read from. `None`: `$CREDENTIALS_DIRECTORY/hsm-pin`.
+    pub pin_file: Option<PathBuf>,
+}
+
+impl Default for Hsm {
+    fn default() -> Self {
+        Hsm {
+            module: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
+            token_label: "incountry-keyd".into(),
+            pin_file: None,
+        }
+    }
+}
+
+impl Hsm {
+    /// The PIN file in force: the configured one, else the systemd credential.
+    pub fn pin_path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.pin_file {
+            return Ok(p.clone());
+        }
+        match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => Ok(Path::new(&dir).join("hsm-pin")),
+            None => bail!(
+                "no HSM PIN source: set hsm.pin_file, or run under systemd with LoadCredential=hsm-pin:..."
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct State {
+    pub dir: PathBuf,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            dir: PathBuf::from("/var/lib/incountry-keyd"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Access {
+    pub readers: Vec<String>,
+    pub admins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub versions_per_day: u32,
+    pub customer_supplied_versions: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            versions_per_day: 1,
+            customer_supplied_versions: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerificationMode {
+    Totp,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Verification {
+    pub mode: VerificationMode,
+}
+
+impl Default for Verification {
+    fn default() -> Self {
+        Verification {
+            mode: VerificationMode::Totp,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Aws {
+    pub endpoint_url: Option<String>,
+    #[serde(deserialize_with = "de_duration")]
+    pub revalidate_interval: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub max_stale: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for Aws {
+    fn default() -> Self {
+        Aws {
+            endpoint_url: None,
+            revalidate_interval: Duration::from_secs(15 * 60),
+            max_stale: Duration::from_secs(24 * 3600),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// A tracing filter: "info", "debug", "incountry_keyd=debug,warn", ...
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+        }
+    }
+}
+
+fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let s = String::deserialize(d)?;
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not an octal mode like \"0660\"")))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration like \"15m\": {e}")))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.version != 1 {
+            bail!("version = {} is not supported (expected 1)", self.version);
+        }
+        if !ALLOWED_VERSIONS_PER_DAY.contains(&self.limits.versions_per_day) {
+            bail!(
+                "limits.versions_per_day = {} is outside 1..=1000",
+                self.limits.versions_per_day
+            );
+        }
+        if self.limits.customer_supplied_versions == 0 {
+            bail!("limits.customer_supplied_versions must be at least 1");
+        }
+        if self.server.max_body < 1024 {
+            bail!("server.max_body must be at least 1024 bytes");
+        }
+        if self.hsm.token_label.is_empty() || self.hsm.token_label.len() > 32 {
+            bail!("hsm.token_label must be 1 to 32 characters (PKCS#11 label)");
+        }
+        if self.aws.revalidate_interval < Duration::from_secs(1) {
+            bail!("aws.revalidate_interval must be at least 1s");
+        }
+        self.log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .map_err(|e| anyhow::anyhow!("log.level `{}`: {e}", self.log.level))?;
+        self.access_policy()?;
+        Ok(())
+    }
+
+    /// The access lists with names resolved against the user database.
+    pub fn access_policy(&self) -> anyhow::Result<AccessPolicy> {
+        Ok(AccessPolicy {
+            readers: Principals::resolve(&self.access.readers).context("access.readers")?,
+            admins: Principals::resolve(&self.access.admins).context("access.admins")?,
+        })
+    }
+}
+
+/// Resolved access lists, checked against each connection's peer credentials.
+#[derive(Debug, Clone, Default)]
+pub struct AccessPolicy {
+    pub readers: Principals,
+    pub admins: Principals,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Principals {
+    uids: HashSet<u32>,
+    gids: HashSet<u32>,
+}
+
+impl Principals {
+    fn resolve(entries: &[String]) -> anyhow::Result<Principals> {
+        let mut p = Principals::default();
+        for entry in entries {
+            let (kind, value) = entry
+                .split_once(':')
+                .with_context(|| format!("`{entry}` is not uid:N, user:NAME or group:NAME"))?;
+            match kind {
+                "uid" => {
+                    p.uids.insert(value.parse().with_context(|| format!("`{entry}`: not a number"))?);
+                }
+                "gid" => {
+                    p.gids.insert(value.parse().with_context(|| format!("`{entry}`: not a number"))?);
+                }
+                "user" => {
+                    let user = nix::unistd::User::from_name(value)?
+                        .with_context(|| format!("`{entry}`: no such user"))?;
+                    p.uids.insert(user.uid.as_raw());
+                }
+                "group" => {
+                    let group = nix::unistd::Group::from_name(value)?
+                        .with_context(|| format!("`{entry}`: no such group"))?;
+                    p.gids.insert(group.gid.as_raw());
+                }
+                _ => bail!("`{entry}` is not uid:N, user:NAME or group:NAME"),
+            }
+        }
+        Ok(p)
+    }
+
+    /// Whether a peer (uid, primary gid and supplementary groups) is listed.
+    pub fn admits(&self, uid: u32, gids: &[u32]) -> bool {
+        self.uids.contains(&uid) || gids.iter().any(|g| self.gids.contains(g))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::parse("version = 1\n[server]\nsokcet = \"/x\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("sokcet"), "{err:#}");
+    }
+
+    #[test]
+    fn defaults_and_access() {
+        let cfg = Config::parse("version = 1\n[access]\nreaders=[\"uid:5\",\"gid:7\"]\n").unwrap();
+        assert_eq!(cfg.limits.versions_per_day, 1);
+        assert_eq!(cfg.server.socket_mode, 0o660);
+        let p = cfg.access_policy().unwrap();
+        assert!(p.readers.admits(5, &[]));
+        assert!(p.readers.admits(9, &[3, 7]));
+        assert!(!p.readers.admits(9, &[3]));
+        assert!(!p.admins.admits(0, &[0]));
+    }
+
+    #[test]
+    fn bad_values_refused() {
+        assert!(Config::parse("version = 2\n").is_err());
+        assert!(Config::parse("version = 1\n[access]\nadmins=[\"bob\"]\n").is_err());
+        assert!(Config::parse("version = 1\n[server]\nsocket_mode=\"99\"\n").is_err());
+        assert!(Config::parse("version = 1\n[aws]\nmax_stale=\"soon\"\n").is_err());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../keyd.example.toml");
+        let cfg: Config = toml::from_str(text).unwrap();
+        assert_eq!(cfg.version, 1);
+    }
+}

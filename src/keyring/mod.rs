@@ -1,0 +1,367 @@
+//! The live keyring: every key's versions, unwrapped, behind an atomic snapshot, and the
+//! operations that add versions or change settings (HSM first, then one state transaction,
+//! then a new snapshot). Readers never wait for writers.
+
+mod id;
+mod secret;
+mod state;
+
+pub use id::KeyId;
+pub use secret::{harden_process, DataKey, DATA_KEY_LEN};
+pub use state::{KeyState, Material, Snapshot, VersionState};
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::clock::{rfc3339, seconds_to_utc_midnight, SharedClock};
+use crate::error::{Error, Result};
+use crate::hsm::{HsmError, HsmWorker, WRAP_IV_LEN};
+use crate::store::{Origin, Store, StoredKey, StoredVersion, VersionType};
+
+pub const ROTATION_PERIODS_DAYS: [u32; 4] = [30, 60, 180, 360];
+
+/// Checks a rotation period against the allowed values.
+pub fn check_period(days: u32) -> Result<u32> {
+    if ROTATION_PERIODS_DAYS.contains(&days) {
+        Ok(days)
+    } else {
+        Err(Error::bad_input(
+            "invalid_rotation_period",
+            format!("rotation_period_days must be one of 30, 60, 180 or 360 (got {days})"),
+        ))
+    }
+}
+
+impl From<HsmError> for Error {
+    fn from(e: HsmError) -> Self {
+        match e {
+            HsmError::Unavailable(_) | HsmError::Setup(_) => {
+                Error::unavailable("hsm_unavailable", e)
+            }
+            HsmError::RootKeyMissing(_) => Error::unavailable("root_key_missing", e),
+            HsmError::DuplicateRootKey(..) => Error::conflict("duplicate_root_key", e),
+            HsmError::Integrity => Error::integrity(e),
+        }
+    }
+}
+
+/// Where a new version's data key comes from. Customer-supplied sources join here.
+pub enum KeySource {
+    /// 32 bytes from the HSM's RNG.
+    Managed,
+}
+
+impl KeySource {
+    fn kind(&self) -> VersionType {
+        match self {
+            KeySource::Managed => VersionType::Managed,
+        }
+    }
+}
+
+/// A request for a new version.
+pub struct NewVersion {
+    pub source: KeySource,
+    /// The key's rotation period from now on; `None` keeps the current one.
+    pub rotation_period_days: Option<u32>,
+    pub origin: Origin,
+    /// New versions per key per UTC day allowed to admin requests.
+    pub versions_per_day: u32,
+    /// Only add a version to an existing key (rotate), never create one.
+    pub existing_only: bool,
+}
+
+/// What an admin change made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Made {
+    pub environment: String,
+    pub country: String,
+    pub version: u32,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub created: String,
+    pub key_created: bool,
+}
+
+pub struct Keyring {
+    current: ArcSwap<Snapshot>,
+    store: Arc<Store>,
+    hsm: HsmWorker,
+    clock: SharedClock,
+    // Serializes writers (admin requests, timers): version numbers are picked under it.
+    writer: tokio::sync::Mutex<()>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Keyring {
+    /// Loads every key from state and unwraps every version in the HSM. Keys whose root key
+    /// is gone, and versions that fail their integrity check, load as unavailable (with an
+    /// error in the log), so the rest still serve.
+    pub async fn load(store: Arc<Store>, hsm: HsmWorker, clock: SharedClock) -> Result<Keyring> {
+        let stored = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.load_all())
+                .await
+                .map_err(|e| Error::internal(format!("state loader: {e}")))??
+        };
+        let mut keys = BTreeMap::new();
+        for key in stored {
+            let state = unwrap_key(&hsm, key).await?;
+            keys.insert(state.id.clone(), Arc::new(state));
+        }
+        let (changes, _) = tokio::sync::watch::channel(0);
+        Ok(Keyring {
+            current: ArcSwap::from_pointee(Snapshot { keys }),
+            store,
+            hsm,
+            clock,
+            writer: tokio::sync::Mutex::new(()),
+            changes,
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn key(&self, id: &KeyId) -> Result<Arc<KeyState>> {
+        self.current
+            .load()
+            .keys
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("key_not_found", format!("no key {id}")))
+    }
+
+    /// A receiver that sees a new value after every change to any key.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn hsm(&self) -> &HsmWorker {
+        &self.hsm
+    }
+
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Creates a key (version 1) or adds a version to an existing one.
+    pub async fn add_version(&self, id: &KeyId, req: NewVersion) -> Result<Made> {
+        let _writer = self.writer.lock().await;
+        let now = self.clock.now();
+        let existing = self.current.load().keys.get(id).cloned();
+        let (version, period) = match &existing {
+            Some(key) => {
+                if let Some(problem) = &key.problem {
+                    return Err(Error::unavailable("root_key_missing", problem));
+                }
+                if req.origin == Origin::Admin {
+                    check_daily_limit(key, now, req.versions_per_day)?;
+                }
+                let period = req.rotation_period_days.or(key.rotation_period_days);
+                (key.last_version() + 1, period)
+            }
+            None if req.existing_only => {
+                return Err(Error::not_found("key_not_found", format!("no key {id}")))
+            }
+            None => (1, req.rotation_period_days),
+        };
+        if req.source.kind() == VersionType::Managed && period.is_none() {
+            return Err(Error::bad_input(
+                "missing_rotation_period",
+                "rotation_period_days is required for a managed key (30, 60, 180 or 360)",
+            ));
+        }
+
+        let (key_bytes, iv, wrapped, root_created) = self.make_managed(id, version).await?;
+        let stored = StoredVersion {
+            version,
+            kind: req.source.kind(),
+            created: now.unix_timestamp(),
+            origin: req.origin,
+            iv,
+            wrapped,
+        };
+        let material = DataKey::new(&key_bytes[..])
+            .map(|k| Material::Ready(Arc::new(k)))
+            .ok_or_else(|| Error::internal("cannot allocate key memory"))?;
+        {
+            let store = self.store.clone();
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || store.add_version(&id, period, &stored))
+                .await
+                .map_err(|e| Error::internal(format!("state writer: {e}")))??;
+        }
+        if root_created {
+            tracing::info!(env = %id.env, country = %id.country, "created root key in HSM");
+        }
+        let new_version = VersionState {
+            version,
+            kind: req.source.kind(),
+            created: now.unix_timestamp(),
+            origin: req.origin,
+            material,
+        };
+        let key = match existing {
+            Some(key) => key.with_version(new_version, period),
+            None => KeyState::new(id.clone(), period, now.unix_timestamp(), new_version),
+        };
+        self.publish(key);
+        Ok(Made {
+            environment: id.env.clone(),
+            country: id.country.clone(),
+            version,
+            kind: req.source.kind().as_str(),
+            created: rfc3339(now.unix_timestamp()),
+            key_created: version == 1,
+        })
+    }
+
+    /// Changes a key's rotation period.
+    pub async fn set_rotation_period(&self, id: &KeyId, days: u32) -> Result<()> {
+        let _writer = self.writer.lock().await;
+        let key = self.key(id)?;
+        {
+            let store = self.store.clone();
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || store.set_rotation_period(&id, Some(days)))
+                .await
+                .map_err(|e| Error::internal(format!("state writer: {e}")))??;
+        }
+        self.publish(key.with_period(Some(days)));
+        Ok(())
+    }
+
+    /// A fresh data key from the HSM RNG, wrapped under the key's root key (created on first
+    /// use, adopted when it already exists). The wrap is checked by unwrapping it again
+    /// before anything is stored.
+    async fn make_managed(
+        &self,
+        id: &KeyId,
+        version: u32,
+    ) -> Result<(Zeroizing<[u8; DATA_KEY_LEN]>, [u8; WRAP_IV_LEN], Vec<u8>, bool)> {
+        let label = id.root_label();
+        let aad = id.wrap_aad(version);
+        let create_root = version == 1;
+        let made = self
+            .hsm
+            .call(move |h| {
+                let root_created = h.ensure_root_key(&label, create_root)?;
+                let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
+                h.random(&mut key[..])?;
+                let mut iv = [0u8; WRAP_IV_LEN];
+                h.random(&mut iv)?;
+                let wrapped = h.seal(&label, &iv, &aad, &key[..])?;
+                let back = h.open(&label, &iv, &aad, &wrapped)?;
+                if back.as_slice() != &key[..] {
+                    return Err(HsmError::Integrity);
+                }
+                Ok((key, iv, wrapped, root_created))
+            })
+            .await?;
+        Ok(made)
+    }
+
+    fn publish(&self, key: KeyState) {
+        let key = Arc::new(key);
+        self.current.rcu(|snap| {
+            let mut keys = snap.keys.clone();
+            keys.insert(key.id.clone(), key.clone());
+            Snapshot { keys }
+        });
+        self.changes.send_modify(|g| *g += 1);
+    }
+}
+
+fn check_daily_limit(key: &KeyState, now: OffsetDateTime, per_day: u32) -> Result<()> {
+    let day_start = now.unix_timestamp() - now.unix_timestamp().rem_euclid(86_400);
+    let today = key
+        .versions
+        .iter()
+        .filter(|v| v.origin == Origin::Admin && v.created >= day_start)
+        .count();
+    if today as u64 >= per_day as u64 {
+        let retry_after = seconds_to_utc_midnight(now);
+        return Err(Error::RateLimited {
+            code: "daily_limit",
+            message: format!(
+                "{}: the limit of {per_day} new version(s) per key per UTC day is reached; it resets at {} (in {retry_after} s)",
+                key.id,
+                rfc3339(day_start + 86_400)
+            ),
+            retry_after,
+        });
+    }
+    Ok(())
+}
+
+/// Unwraps every version of a stored key in one HSM job.
+async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
+    let label = key.id.root_label();
+    let jobs: Vec<_> = key
+        .versions
+        .iter()
+        .map(|v| (v.iv, key.id.wrap_aad(v.version), v.wrapped.clone()))
+        .collect();
+    let opened = hsm
+        .call(move |h| {
+            h.ensure_root_key(&label, false)?;
+            Ok(jobs
+                .into_iter()
+                .map(|(iv, aad, wrapped)| h.open(&label, &iv, &aad, &wrapped))
+                .collect::<Vec<_>>())
+        })
+        .await;
+    let (problem, opened) = match opened {
+        Ok(opened) => (None, opened),
+        Err(e @ HsmError::RootKeyMissing(_)) | Err(e @ HsmError::DuplicateRootKey(..)) => {
+            tracing::error!(
+                env = %key.id.env, country = %key.id.country,
+                "state has key {} but {e}: the key is unavailable (no new root key is made)",
+                key.id
+            );
+            (Some(format!("{}: {e}", key.id)), Vec::new())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut versions = Vec::with_capacity(key.versions.len());
+    let mut opened = opened.into_iter();
+    for v in key.versions {
+        let material = match (&problem, opened.next()) {
+            (Some(p), _) => Material::Unavailable(p.clone()),
+            (None, Some(Ok(bytes))) => match DataKey::new(&bytes) {
+                Some(k) => Material::Ready(Arc::new(k)),
+                None => Material::Unavailable(format!(
+                    "integrity check failed for {} version {}: wrong key length",
+                    key.id, v.version
+                )),
+            },
+            (None, Some(Err(HsmError::Integrity))) => {
+                let msg = format!("integrity check failed for {} version {}", key.id, v.version);
+                tracing::error!(env = %key.id.env, country = %key.id.country, version = v.version, "{msg}: the stored wrapped key was altered or moved");
+                Material::Unavailable(msg)
+            }
+            (None, Some(Err(e))) => return Err(e.into()),
+            (None, None) => Material::Unavailable("not unwrapped".into()),
+        };
+        versions.push(VersionState {
+            version: v.version,
+            kind: v.kind,
+            created: v.created,
+            origin: v.origin,
+            material,
+        });
+    }
+    Ok(KeyState {
+        id: key.id,
+        rotation_period_days: key.rotation_period_days,
+        created: key.created,
+        problem,
+        versions,
+    })
+}

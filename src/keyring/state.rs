@@ -1,0 +1,202 @@
+//! Immutable in-memory state that readers see: a snapshot of every key and its versions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::{DataKey, KeyId};
+use crate::error::{Error, Result};
+use crate::store::{Origin, VersionType};
+
+/// One published state of every key. Replaced whole, never changed in place.
+#[derive(Default)]
+pub struct Snapshot {
+    pub keys: BTreeMap<KeyId, Arc<KeyState>>,
+}
+
+pub enum Material {
+    Ready(Arc<DataKey>),
+    /// Why the version cannot be served (integrity failure, missing root key, revoked).
+    Unavailable(String),
+}
+
+pub struct VersionState {
+    pub version: u32,
+    pub kind: VersionType,
+    pub created: i64,
+    pub origin: Origin,
+    pub material: Material,
+}
+
+impl VersionState {
+    pub fn key(&self) -> Option<&Arc<DataKey>> {
+        match &self.material {
+            Material::Ready(k) => Some(k),
+            Material::Unavailable(_) => None,
+        }
+    }
+}
+
+pub struct KeyState {
+    pub id: KeyId,
+    pub rotation_period_days: Option<u32>,
+    pub created: i64,
+    /// Set when the whole key is unavailable (root key missing from the HSM).
+    pub problem: Option<String>,
+    /// Ascending by version; never empty.
+    pub versions: Vec<VersionState>,
+}
+
+impl KeyState {
+    pub fn new(id: KeyId, period: Option<u32>, created: i64, first: VersionState) -> KeyState {
+        KeyState {
+            id,
+            rotation_period_days: period,
+            created,
+            problem: None,
+            versions: vec![first],
+        }
+    }
+
+    /// A copy with one more version (material is shared, not copied).
+    pub fn with_version(&self, v: VersionState, period: Option<u32>) -> KeyState {
+        let mut versions: Vec<VersionState> = self.versions.iter().map(share).collect();
+        versions.push(v);
+        KeyState {
+            id: self.id.clone(),
+            rotation_period_days: period,
+            created: self.created,
+            problem: self.problem.clone(),
+            versions,
+        }
+    }
+
+    pub fn with_period(&self, period: Option<u32>) -> KeyState {
+        KeyState {
+            id: self.id.clone(),
+            rotation_period_days: period,
+            created: self.created,
+            problem: self.problem.clone(),
+            versions: self.versions.iter().map(share).collect(),
+        }
+    }
+
+    pub fn last_version(&self) -> u32 {
+        self.versions.last().map_or(0, |v| v.version)
+    }
+
+    /// The newest version: the one that encrypts.
+    pub fn active(&self) -> Option<&VersionState> {
+        self.versions.last()
+    }
+
+    pub fn version(&self, n: u32) -> Option<&VersionState> {
+        self.versions.iter().find(|v| v.version == n)
+    }
+
+    pub fn status(&self, v: &VersionState) -> &'static str {
+        if v.key().is_none() {
+            "unavailable"
+        } else if Some(v.version) == self.active().map(|a| a.version) {
+            "active"
+        } else {
+            "deprecated"
+        }
+    }
+
+    /// Changes exactly when the version list (numbers or statuses) changes.
+    pub fn etag(&self) -> String {
+        let mut h = Sha256::new();
+        for v in &self.versions {
+            h.update(format!("{}:{};", v.version, self.status(v)));
+        }
+        format!("\"{}\"", hex::encode(&h.finalize()[..12]))
+    }
+
+    /// The InCountry SDK secrets document: every servable version, `currentVersion` = active.
+    pub fn secrets_document(&self) -> Result<Zeroizing<String>> {
+        if let Some(p) = &self.problem {
+            return Err(Error::unavailable("root_key_missing", p));
+        }
+        let active = self
+            .active()
+            .ok_or_else(|| Error::internal("key without versions"))?;
+        if let Material::Unavailable(why) = &active.material {
+            return Err(Error::unavailable(
+                "active_version_unavailable",
+                format!(
+                    "{} active version {} is unavailable: {why}",
+                    self.id, active.version
+                ),
+            ));
+        }
+        // Reserved up front so the buffer holding key material is never reallocated (and
+        // left behind un-zeroized).
+        let mut doc = Zeroizing::new(String::with_capacity(64 + self.versions.len() * 96));
+        doc.push_str(&format!("{{\"currentVersion\":{},\"secrets\":[", active.version));
+        let mut first = true;
+        for v in &self.versions {
+            if let Some(k) = v.key() {
+                if !first {
+                    doc.push(',');
+                }
+                first = false;
+                doc.push_str("{\"secret\":\"");
+                base64::engine::general_purpose::STANDARD.encode_string(k.expose(), &mut doc);
+                doc.push_str(&format!("\",\"version\":{},\"isKey\":true}}", v.version));
+            }
+        }
+        doc.push_str("]}");
+        Ok(doc)
+    }
+}
+
+fn share(v: &VersionState) -> VersionState {
+    VersionState {
+        version: v.version,
+        kind: v.kind,
+        created: v.created,
+        origin: v.origin,
+        material: match &v.material {
+            Material::Ready(k) => Material::Ready(k.clone()),
+            Material::Unavailable(s) => Material::Unavailable(s.clone()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(n: u32, byte: u8) -> VersionState {
+        VersionState {
+            version: n,
+            kind: VersionType::Managed,
+            created: 0,
+            origin: Origin::Admin,
+            material: Material::Ready(Arc::new(DataKey::new(&[byte; 32]).unwrap())),
+        }
+    }
+
+    #[test]
+    fn secrets_document_shape() {
+        let id = KeyId::parse("p", "DE").unwrap();
+        let k = KeyState::new(id, Some(30), 0, version(1, 1));
+        let e1 = k.etag();
+        let k = k.with_version(version(2, 2), Some(30));
+        assert_ne!(e1, k.etag());
+        let doc: serde_json::Value = serde_json::from_str(&k.secrets_document().unwrap()).unwrap();
+        assert_eq!(doc["currentVersion"], 2);
+        assert_eq!(doc["secrets"].as_array().unwrap().len(), 2);
+        assert_eq!(doc["secrets"][0]["isKey"], true);
+        assert_eq!(
+            doc["secrets"][1]["secret"],
+            base64::engine::general_purpose::STANDARD.encode([2u8; 32])
+        );
+        assert_eq!(k.status(&k.versions[0]), "deprecated");
+        assert_eq!(k.status(&k.versions[1]), "active");
+    }
+}

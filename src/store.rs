@@ -1,0 +1,323 @@
+//! Durable state in SQLite (WAL, synchronous FULL): keys, their versions in wrapped form only,
+//! settings, and the schema version. Each change is one transaction.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::error::{Error, Result};
+use crate::hsm::WRAP_IV_LEN;
+use crate::keyring::KeyId;
+
+pub const DB_FILE: &str = "keyd.sqlite3";
+const LOCK_FILE: &str = "keyd.lock";
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: keys and their versions.
+    "CREATE TABLE keys (
+        id INTEGER PRIMARY KEY,
+        environment TEXT NOT NULL,
+        country TEXT NOT NULL,
+        rotation_period_days INTEGER,
+        created INTEGER NOT NULL,
+        last_version INTEGER NOT NULL,
+        UNIQUE (environment, country)
+     );
+     CREATE TABLE versions (
+        key_id INTEGER NOT NULL REFERENCES keys(id),
+        version INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        iv BLOB NOT NULL,
+        wrapped BLOB NOT NULL,
+        PRIMARY KEY (key_id, version)
+     );",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionType {
+    Managed,
+    Aws,
+}
+
+impl VersionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionType::Managed => "incountry-managed",
+            VersionType::Aws => "aws",
+        }
+    }
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "incountry-managed" => Ok(VersionType::Managed),
+            "aws" => Ok(VersionType::Aws),
+            other => Err(Error::integrity(format!("unknown version type `{other}` in state"))),
+        }
+    }
+}
+
+/// Who made a version: an admin request (counts against the daily limit) or the timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Admin,
+    Timer,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Admin => "admin",
+            Origin::Timer => "timer",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        if s == "timer" {
+            Origin::Timer
+        } else {
+            Origin::Admin
+        }
+    }
+}
+
+/// A version as stored: wrapped, never the data key itself. No Debug: the blob stays out
+/// of logs.
+pub struct StoredVersion {
+    pub version: u32,
+    pub kind: VersionType,
+    pub created: i64,
+    pub origin: Origin,
+    pub iv: [u8; WRAP_IV_LEN],
+    pub wrapped: Vec<u8>,
+}
+
+pub struct StoredKey {
+    pub id: KeyId,
+    pub rotation_period_days: Option<u32>,
+    pub created: i64,
+    pub versions: Vec<StoredVersion>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    // Held for the daemon's life: a second daemon on the same state refuses to start.
+    _lock: Option<File>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the state under `dir` for the daemon: takes the state lock.
+    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create state directory {}: {e}", dir.display()))?;
+        let lock = lock_state(dir)?;
+        let path = dir.join(DB_FILE);
+        let conn = Connection::open(&path)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path,
+            _lock: Some(lock),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done transaction (rusqlite
+        // rolls back on drop), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn load_all(&self) -> Result<Vec<StoredKey>> {
+        let conn = self.conn();
+        let mut keys_stmt = conn.prepare(
+            "SELECT id, environment, country, rotation_period_days, created FROM keys ORDER BY environment, country",
+        )?;
+        let mut ver_stmt = conn.prepare(
+            "SELECT version, type, created, origin, iv, wrapped FROM versions WHERE key_id = ?1 ORDER BY version",
+        )?;
+        let rows = keys_stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<u32>>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (rowid, env, country, period, created) in rows {
+            let id = KeyId::parse(&env, &country)
+                .map_err(|_| Error::integrity(format!("invalid key name {env}/{country} in state")))?;
+            let versions = ver_stmt
+                .query_map([rowid], |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                        r.get::<_, Vec<u8>>(5)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .into_iter()
+                .map(|(version, kind, created, origin, iv, wrapped)| {
+                    Ok(StoredVersion {
+                        version,
+                        kind: VersionType::parse(&kind)?,
+                        created,
+                        origin: Origin::parse(&origin),
+                        iv: iv.as_slice().try_into().map_err(|_| {
+                            Error::integrity(format!("{id} version {version}: stored IV has the wrong length"))
+                        })?,
+                        wrapped,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.push(StoredKey {
+                id,
+                rotation_period_days: period,
+                created,
+                versions,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds version `v.version` to `id` in one transaction, creating the key row if needed.
+    /// Refuses unless the number is exactly one past the last number ever used for this key.
+    pub fn add_version(
+        &self,
+        id: &KeyId,
+        rotation_period_days: Option<u32>,
+        v: &StoredVersion,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<(i64, u32)> = tx
+            .query_row(
+                "SELECT id, last_version FROM keys WHERE environment = ?1 AND country = ?2",
+                params![id.env, id.country],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let rowid = match existing {
+            Some((rowid, last)) => {
+                if v.version != last + 1 {
+                    return Err(Error::conflict(
+                        "version_conflict",
+                        format!("{id}: version {} is not next after {last}", v.version),
+                    ));
+                }
+                tx.execute(
+                    "UPDATE keys SET last_version = ?2, rotation_period_days = ?3 WHERE id = ?1",
+                    params![rowid, v.version, rotation_period_days],
+                )?;
+                rowid
+            }
+            None => {
+                if v.version != 1 {
+                    return Err(Error::conflict(
+                        "version_conflict",
+                        format!("{id}: a new key starts at version 1"),
+                    ));
+                }
+                tx.execute(
+                    "INSERT INTO keys (environment, country, rotation_period_days, created, last_version) VALUES (?1, ?2, ?3, ?4, 1)",
+                    params![id.env, id.country, rotation_period_days, v.created],
+                )?;
+                tx.last_insert_rowid()
+            }
+        };
+        tx.execute(
+            "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                rowid,
+                v.version,
+                v.kind.as_str(),
+                v.created,
+                v.origin.as_str(),
+                &v.iv[..],
+                v.wrapped
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_rotation_period(&self, id: &KeyId, days: Option<u32>) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE keys SET rotation_period_days = ?3 WHERE environment = ?1 AND country = ?2",
+            params![id.env, id.country, days],
+        )?;
+        if n == 0 {
+            return Err(Error::not_found("key_not_found", format!("no key {id}")));
+        }
+        Ok(())
+    }
+}
+
+fn migrate(conn: &Connection) -> anyhow::Result<()> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > MIGRATIONS.len() {
+        anyhow::bail!(
+            "state schema version {current} is newer than this daemon understands ({}); refusing to touch it",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Takes an exclusive flock on the state directory's lock file and writes our pid into it.
+fn lock_state(dir: &Path) -> anyhow::Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open lock file {}: {e}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor that `file` owns for the whole call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        anyhow::bail!(
+            "state directory {} is in use by another incountry-keyd (pid {}); stop it first",
+            dir.display(),
+            if holder.is_empty() { "unknown" } else { holder }
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
