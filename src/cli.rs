@@ -14,7 +14,11 @@ use crate::client::{Client, Reply};
 use crate::config::{self, Config};
 
 #[derive(Parser)]
-#[command(name = "incountry-keyd", version, about = "HSM-backed key daemon for InCountry Border")]
+#[command(
+    name = "incountry-keyd",
+    version,
+    about = "HSM-backed key daemon for InCountry Border"
+)]
 pub struct Cli {
     /// Configuration file.
     #[arg(long, global = true, env = "INCOUNTRY_KEYD_CONFIG")]
@@ -265,12 +269,20 @@ fn ok(reply: Reply) -> anyhow::Result<Reply> {
     }
 }
 
-async fn secrets(client: &Client, env: &str, country: &str, watch: bool) -> anyhow::Result<ExitCode> {
+async fn secrets(
+    client: &Client,
+    env: &str,
+    country: &str,
+    watch: bool,
+) -> anyhow::Result<ExitCode> {
     let base = format!("{}/secrets", key_path(env, country));
     let mut etag: Option<String> = None;
     loop {
         let (path, headers) = match &etag {
-            Some(tag) => (format!("{base}?wait=300"), vec![("if-none-match", tag.as_str())]),
+            Some(tag) => (
+                format!("{base}?wait=300"),
+                vec![("if-none-match", tag.as_str())],
+            ),
             None => (base.clone(), vec![]),
         };
         let reply = ok(client.request(Method::GET, &path, &headers, None).await?)?;
@@ -306,7 +318,13 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let widths: Vec<usize> = headers
         .iter()
         .enumerate()
-        .map(|(i, h)| rows.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0))
+        .map(|(i, h)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells
@@ -350,7 +368,13 @@ fn print_key(doc: &Value) {
         })
         .unwrap_or_default();
     print_table(
-        &["VERSION", "TYPE", "ROTATION PERIOD (MONTHS)", "CREATED", "STATUS"],
+        &[
+            "VERSION",
+            "TYPE",
+            "ROTATION PERIOD (MONTHS)",
+            "CREATED",
+            "STATUS",
+        ],
         &rows,
     );
 }
@@ -373,7 +397,13 @@ fn print_key_list(doc: &Value) {
         })
         .unwrap_or_default();
     print_table(
-        &["ENVIRONMENT", "COUNTRY", "ACTIVE", "VERSIONS", "ROTATION PERIOD (MONTHS)"],
+        &[
+            "ENVIRONMENT",
+            "COUNTRY",
+            "ACTIVE",
+            "VERSIONS",
+            "ROTATION PERIOD (MONTHS)",
+        ],
         &rows,
     );
 }

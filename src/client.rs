@@ -30,7 +30,11 @@ impl Reply {
                 e["code"].as_str().unwrap_or("?"),
                 self.status.as_u16()
             ),
-            None => format!("HTTP {}: {}", self.status, String::from_utf8_lossy(&self.body)),
+            None => format!(
+                "HTTP {}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            ),
         }
     }
 
@@ -61,7 +65,8 @@ impl Client {
                     self.socket.display()
                 )
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -76,7 +81,10 @@ impl Client {
             req = req.header(*name, *value);
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = sender.send_request(req).await.context("request to the daemon failed")?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("request to the daemon failed")?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();

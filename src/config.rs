@@ -191,7 +191,9 @@ fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777)
-        .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not an octal mode like \"0660\"")))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("`{s}` is not an octal mode like \"0660\""))
+        })
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -274,10 +276,18 @@ impl Principals {
                 .with_context(|| format!("`{entry}` is not uid:N, user:NAME or group:NAME"))?;
             match kind {
                 "uid" => {
-                    p.uids.insert(value.parse().with_context(|| format!("`{entry}`: not a number"))?);
+                    p.uids.insert(
+                        value
+                            .parse()
+                            .with_context(|| format!("`{entry}`: not a number"))?,
+                    );
                 }
                 "gid" => {
-                    p.gids.insert(value.parse().with_context(|| format!("`{entry}`: not a number"))?);
+                    p.gids.insert(
+                        value
+                            .parse()
+                            .with_context(|| format!("`{entry}`: not a number"))?,
+                    );
                 }
                 "user" => {
                     let user = nix::unistd::User::from_name(value)?

@@ -114,7 +114,8 @@ async fn run(
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let keyring = Keyring::load(store, hsm, default_clock()).await?;
-    let (listener, activated) = systemd::listener(&config.server.socket, config.server.socket_mode)?;
+    let (listener, activated) =
+        systemd::listener(&config.server.socket, config.server.socket_mode)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let access = config.access_policy()?;
     let app = Arc::new(App {

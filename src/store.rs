@@ -57,7 +57,9 @@ impl VersionType {
         match s {
             "incountry-managed" => Ok(VersionType::Managed),
             "aws" => Ok(VersionType::Aws),
-            other => Err(Error::integrity(format!("unknown version type `{other}` in state"))),
+            other => Err(Error::integrity(format!(
+                "unknown version type `{other}` in state"
+            ))),
         }
     }
 }
@@ -165,8 +167,9 @@ impl Store {
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(rows.len());
         for (rowid, env, country, period, created) in rows {
-            let id = KeyId::parse(&env, &country)
-                .map_err(|_| Error::integrity(format!("invalid key name {env}/{country} in state")))?;
+            let id = KeyId::parse(&env, &country).map_err(|_| {
+                Error::integrity(format!("invalid key name {env}/{country} in state"))
+            })?;
             let versions = ver_stmt
                 .query_map([rowid], |r| {
                     Ok((
@@ -187,7 +190,9 @@ impl Store {
                         created,
                         origin: Origin::parse(&origin),
                         iv: iv.as_slice().try_into().map_err(|_| {
-                            Error::integrity(format!("{id} version {version}: stored IV has the wrong length"))
+                            Error::integrity(format!(
+                                "{id} version {version}: stored IV has the wrong length"
+                            ))
                         })?,
                         wrapped,
                     })

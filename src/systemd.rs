@@ -12,7 +12,10 @@ use sd_notify::NotifyState;
 
 /// The socket systemd passed (LISTEN_FDS), else one bound at `path` with `mode`. A stale
 /// socket file left by a crash is replaced; a live one (another daemon answers) is not.
-pub fn listener(path: &Path, mode: u32) -> anyhow::Result<(std::os::unix::net::UnixListener, bool)> {
+pub fn listener(
+    path: &Path,
+    mode: u32,
+) -> anyhow::Result<(std::os::unix::net::UnixListener, bool)> {
     let mut fds = sd_notify::listen_fds().context("LISTEN_FDS")?;
     if let Some(fd) = fds.next() {
         // SAFETY: systemd hands us this descriptor to own; nothing else in the process uses it.
@@ -22,12 +25,16 @@ pub fn listener(path: &Path, mode: u32) -> anyhow::Result<(std::os::unix::net::U
     }
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            bail!("{} exists and is not a socket; refusing to replace it", path.display());
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!("{} is in use: another daemon answers on it", path.display());
         }
-        fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

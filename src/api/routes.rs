@@ -93,7 +93,10 @@ pub async fn handle(
 async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Response<Body>> {
     let path = req.uri().path().to_string();
     let Some(route) = Route::parse(&path) else {
-        return Err(Error::not_found("not_found", format!("no such path {path}")));
+        return Err(Error::not_found(
+            "not_found",
+            format!("no such path {path}"),
+        ));
     };
     let method = req.method().clone();
     let allowed = route.allow().split(", ").any(|m| m == method.as_str());
@@ -136,11 +139,8 @@ async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Resp
 }
 
 async fn health(app: &App) -> Response<Body> {
-    let ping = tokio::time::timeout(
-        Duration::from_secs(2),
-        app.keyring.hsm().call(|h| h.ping()),
-    )
-    .await;
+    let ping =
+        tokio::time::timeout(Duration::from_secs(2), app.keyring.hsm().call(|h| h.ping())).await;
     let hsm = match ping {
         Ok(Ok(())) => "ok".to_string(),
         Ok(Err(e)) => e.to_string(),
@@ -245,9 +245,19 @@ struct PeriodBody {
 }
 
 /// Admin requests: the admin role, then the verification code.
-async fn authorize_admin(app: &App, peer: &Peer, req: &Request<Incoming>, action: &str) -> Result<()> {
+async fn authorize_admin(
+    app: &App,
+    peer: &Peer,
+    req: &Request<Incoming>,
+    action: &str,
+) -> Result<()> {
     if peer.role < Role::Admin {
-        tracing::warn!(uid = peer.uid, pid = peer.pid, action, "admin action refused: not an admin");
+        tracing::warn!(
+            uid = peer.uid,
+            pid = peer.pid,
+            action,
+            "admin action refused: not an admin"
+        );
         return Err(Error::forbidden(format!(
             "uid {} is not in access.admins",
             peer.uid
@@ -260,11 +270,16 @@ async fn authorize_admin(app: &App, peer: &Peer, req: &Request<Incoming>, action
     app.verifier.check(peer, code, action).await
 }
 
-async fn create(app: &App, peer: &Peer, id: KeyId, req: Request<Incoming>) -> Result<Response<Body>> {
+async fn create(
+    app: &App,
+    peer: &Peer,
+    id: KeyId,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
     authorize_admin(app, peer, &req, "create").await?;
-    let body: CreateBody = read_json(app, req).await?.ok_or_else(|| {
-        Error::bad_input("missing_body", "a JSON body with \"type\" is required")
-    })?;
+    let body: CreateBody = read_json(app, req)
+        .await?
+        .ok_or_else(|| Error::bad_input("missing_body", "a JSON body with \"type\" is required"))?;
     let source = match body.kind.as_str() {
         "incountry-managed" => KeySource::Managed,
         "aws" => {
@@ -284,7 +299,12 @@ async fn create(app: &App, peer: &Peer, id: KeyId, req: Request<Incoming>) -> Re
     add_version(app, peer, &id, source, period, false, "create").await
 }
 
-async fn rotate(app: &App, peer: &Peer, id: KeyId, req: Request<Incoming>) -> Result<Response<Body>> {
+async fn rotate(
+    app: &App,
+    peer: &Peer,
+    id: KeyId,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
     authorize_admin(app, peer, &req, "rotate").await?;
     let body: PeriodBody = read_json(app, req).await?.unwrap_or_default();
     let period = body.rotation_period_days.map(check_period).transpose()?;
@@ -325,7 +345,12 @@ async fn add_version(
     }
 }
 
-async fn settings(app: &App, peer: &Peer, id: KeyId, req: Request<Incoming>) -> Result<Response<Body>> {
+async fn settings(
+    app: &App,
+    peer: &Peer,
+    id: KeyId,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
     authorize_admin(app, peer, &req, "settings").await?;
     let body: PeriodBody = read_json(app, req).await?.unwrap_or_default();
     let days = body.rotation_period_days.ok_or_else(|| {
@@ -334,7 +359,9 @@ async fn settings(app: &App, peer: &Peer, id: KeyId, req: Request<Incoming>) -> 
             "rotation_period_days is required (30, 60, 180 or 360)",
         )
     })?;
-    app.keyring.set_rotation_period(&id, check_period(days)?).await?;
+    app.keyring
+        .set_rotation_period(&id, check_period(days)?)
+        .await?;
     tracing::info!(uid = peer.uid, pid = peer.pid, action = "settings", env = %id.env, country = %id.country, rotation_period_days = days, "key settings changed");
     let key = app.keyring.key(&id)?;
     Ok(response::json(StatusCode::OK, &key_document(&key)))
@@ -391,7 +418,10 @@ fn wait_param(query: Option<&str>) -> Result<Option<Duration>> {
                 .ok()
                 .filter(|s| (1..=MAX_WAIT_SECONDS).contains(s))
                 .ok_or_else(|| {
-                    Error::bad_input("invalid_wait", "wait must be a whole number of seconds from 1 to 300")
+                    Error::bad_input(
+                        "invalid_wait",
+                        "wait must be a whole number of seconds from 1 to 300",
+                    )
                 })?;
             return Ok(Some(Duration::from_secs(secs)));
         }
@@ -433,9 +463,10 @@ async fn read_json<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Re
 fn json_error(e: serde_json::Error) -> Error {
     use serde_json::error::Category;
     match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            Error::bad_input("malformed_json", format!("request body is not valid JSON: {e}"))
-        }
+        Category::Syntax | Category::Eof | Category::Io => Error::bad_input(
+            "malformed_json",
+            format!("request body is not valid JSON: {e}"),
+        ),
         Category::Data if e.to_string().starts_with("unknown field") => {
             Error::bad_input("unknown_field", e)
         }
@@ -459,5 +490,8 @@ async fn test_clock(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Re
     app.keyring.clock().advance(body.advance_seconds);
     app.on_clock_change();
     let now = app.keyring.clock().now().unix_timestamp();
-    Ok(response::json(StatusCode::OK, &json!({ "now": rfc3339(now), "unix": now })))
+    Ok(response::json(
+        StatusCode::OK,
+        &json!({ "now": rfc3339(now), "unix": now }),
+    ))
 }

@@ -176,9 +176,7 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn random(&mut self, buf: &mut [u8]) -> Result<(), HsmError> {
-        self.session
-            .generate_random_slice(buf)
-            .map_err(unavailable)
+        self.session.generate_random_slice(buf).map_err(unavailable)
     }
 
     fn seal(
@@ -221,6 +219,9 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn ping(&mut self) -> Result<(), HsmError> {
-        self.session.get_session_info().map(|_| ()).map_err(unavailable)
+        self.session
+            .get_session_info()
+            .map(|_| ())
+            .map_err(unavailable)
     }
 }

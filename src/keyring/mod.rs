@@ -244,7 +244,12 @@ impl Keyring {
         &self,
         id: &KeyId,
         version: u32,
-    ) -> Result<(Zeroizing<[u8; DATA_KEY_LEN]>, [u8; WRAP_IV_LEN], Vec<u8>, bool)> {
+    ) -> Result<(
+        Zeroizing<[u8; DATA_KEY_LEN]>,
+        [u8; WRAP_IV_LEN],
+        Vec<u8>,
+        bool,
+    )> {
         let label = id.root_label();
         let aad = id.wrap_aad(version);
         let create_root = version == 1;
@@ -342,7 +347,10 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
                 )),
             },
             (None, Some(Err(HsmError::Integrity))) => {
-                let msg = format!("integrity check failed for {} version {}", key.id, v.version);
+                let msg = format!(
+                    "integrity check failed for {} version {}",
+                    key.id, v.version
+                );
                 tracing::error!(env = %key.id.env, country = %key.id.country, version = v.version, "{msg}: the stored wrapped key was altered or moved");
                 Material::Unavailable(msg)
             }

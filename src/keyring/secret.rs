@@ -47,8 +47,7 @@ impl DataKey {
         let page = NonNull::new(unsafe { alloc_zeroed(layout) })?;
         // SAFETY: the page holds at least DATA_KEY_LEN bytes and is ours alone.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), page.as_ptr(), DATA_KEY_LEN) };
-        let locked =
-            unsafe { nix::sys::mman::mlock(page.cast(), layout.size()) }.is_ok();
+        let locked = unsafe { nix::sys::mman::mlock(page.cast(), layout.size()) }.is_ok();
         if !locked && !LOCK_WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "cannot lock key memory (RLIMIT_MEMLOCK too low?): keys may be swapped; raise LimitMEMLOCK"

@@ -136,7 +136,10 @@ impl KeyState {
         // Reserved up front so the buffer holding key material is never reallocated (and
         // left behind un-zeroized).
         let mut doc = Zeroizing::new(String::with_capacity(64 + self.versions.len() * 96));
-        doc.push_str(&format!("{{\"currentVersion\":{},\"secrets\":[", active.version));
+        doc.push_str(&format!(
+            "{{\"currentVersion\":{},\"secrets\":[",
+            active.version
+        ));
         let mut first = true;
         for v in &self.versions {
             if let Some(k) = v.key() {

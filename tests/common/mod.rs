@@ -1,0 +1,410 @@
+//! Test harness: starts the real daemon binary against a fresh SoftHSM token in a temp dir,
+//! waits for readiness by polling the socket, and talks HTTP to it.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_incountry-keyd");
+pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A token directory made by softhsm/make-token.sh.
+pub struct Token {
+    pub dir: PathBuf,
+}
+
+impl Token {
+    pub fn new(root: &Path) -> Token {
+        let dir = root.join("hsm");
+        let out = Command::new(repo().join("softhsm/make-token.sh"))
+            .arg(&dir)
+            .output()
+            .expect("run make-token.sh");
+        assert!(
+            out.status.success(),
+            "make-token.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Token { dir }
+    }
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+    pub fn pin_file(&self) -> PathBuf {
+        self.dir.join("user-pin")
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (Connection: close).
+pub fn http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut s = UnixStream::connect(socket).expect("connect to daemon socket");
+    s.set_read_timeout(Some(Duration::from_secs(330))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method != "GET" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // The server may answer (413) before reading the whole body; a write error is fine then.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Reply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+pub struct Options {
+    pub readers: Vec<String>,
+    pub admins: Vec<String>,
+    pub versions_per_day: u32,
+    pub extra: String,
+    pub clock_offset: i64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            readers: vec![],
+            admins: vec!["uid:0".into()],
+            versions_per_day: 1,
+            extra: String::new(),
+            clock_offset: 0,
+        }
+    }
+}
+
+/// A running daemon with its own token, state and socket under a temp dir.
+pub struct Daemon {
+    pub tmp: tempfile::TempDir,
+    pub token: Token,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub clock_offset: i64,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Daemon {
+        let d = Self::prepare(opts);
+        d.launch()
+    }
+
+    /// Makes the token and config without starting the daemon.
+    pub fn prepare(opts: Options) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("keyd-test")
+            .tempdir()
+            .unwrap();
+        let token = Token::new(tmp.path());
+        let socket = tmp.path().join("keyd.sock");
+        let config = tmp.path().join("keyd.toml");
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "version = 1\n[server]\nsocket = \"{}\"\n[hsm]\nmodule = \"{MODULE}\"\npin_file = \"{}\"\n[state]\ndir = \"{}\"\n[access]\nreaders = [{}]\nadmins = [{}]\n[limits]\nversions_per_day = {}\n[verification]\nmode = \"off\"\n[log]\nlevel = \"debug\"\n{}",
+                socket.display(),
+                token.pin_file().display(),
+                tmp.path().join("state").display(),
+                list(&opts.readers),
+                list(&opts.admins),
+                opts.versions_per_day,
+                opts.extra,
+            ),
+        )
+        .unwrap();
+        let log = tmp.path().join("daemon.log");
+        Daemon {
+            tmp,
+            token,
+            socket,
+            config,
+            log,
+            clock_offset: opts.clock_offset,
+            child: None,
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("SOFTHSM2_CONF", self.token.conf())
+            .env(
+                "INCOUNTRY_KEYD_TEST_CLOCK_OFFSET",
+                self.clock_offset.to_string(),
+            )
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("CREDENTIALS_DIRECTORY");
+        cmd
+    }
+
+    /// Starts the daemon (appending to its log) and waits until /v1/health answers.
+    pub fn launch(mut self) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .command()
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn daemon");
+        self.child = Some(child);
+        self.wait_ready();
+        self
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "daemon exited during start ({status}):\n{}",
+                    self.log_text()
+                );
+            }
+            if UnixStream::connect(&self.socket).is_ok() {
+                let r = self.get("/v1/health");
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready in 30 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon did not stop within 40 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(mut self) -> Daemon {
+        assert!(self.stop().success(), "daemon exit status");
+        self.launch()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: &str) -> Reply {
+        http(&self.socket, method, path, &[], body.as_bytes())
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, "")
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.request("POST", path, &body.to_string())
+    }
+
+    pub fn create_managed(&self, env: &str, country: &str, days: u32) -> Reply {
+        self.post(
+            &format!("/v1/keys/{env}/{country}"),
+            serde_json::json!({"type": "incountry-managed", "rotation_period_days": days}),
+        )
+    }
+
+    pub fn rotate(&self, env: &str, country: &str) -> Reply {
+        self.request("POST", &format!("/v1/keys/{env}/{country}/rotate"), "")
+    }
+
+    pub fn secrets(&self, env: &str, country: &str) -> serde_json::Value {
+        let r = self.get(&format!("/v1/keys/{env}/{country}/secrets"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    /// Moves the daemon's (test) clock forward.
+    pub fn advance(&self, seconds: i64) {
+        let r = self.post(
+            "/v1/test/clock",
+            serde_json::json!({ "advance_seconds": seconds }),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn state_db(&self) -> PathBuf {
+        self.tmp.path().join("state").join("keyd.sqlite3")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The Python with the InCountry SDK, from tests/run.sh's venv.
+pub fn sdk_python() -> PathBuf {
+    let p = std::env::var_os("KEYD_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} missing: run tests through tests/run.sh, which makes the SDK venv",
+        p.display()
+    );
+    p
+}
+
+/// Runs tests/sdk/sdk_tool.py with a secrets document.
+pub fn sdk(doc: &serde_json::Value, args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let doc_file = dir.path().join("doc.json");
+    std::fs::write(&doc_file, doc.to_string()).unwrap();
+    let out = Command::new(sdk_python())
+        .arg(repo().join("tests/sdk/sdk_tool.py"))
+        .arg(args[0])
+        .arg(&doc_file)
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (Debian packages, a Python venv with the
+# InCountry SDK), then runs cargo fmt --check, clippy -D warnings and every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(softhsm2 oathtool sqlite3 util-linux)
+missing=()
+for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "== installing ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+venv=.venv
+if ! "$venv/bin/python" -c 'import incountry, moto' 2>/dev/null; then
+    echo "== making $venv (InCountry SDK, moto)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check \
+        "incountry==5.0.0" "pydantic<2" "moto[server]"
+fi
+export KEYD_TEST_PYTHON="$PWD/$venv/bin/python"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --features test-clock -- -D warnings
+echo "== cargo test"
+cargo test --features test-clock
