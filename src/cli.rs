@@ -44,6 +44,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Print a key's InCountry SDK secrets document.
     Secrets {
         env: String,
@@ -51,6 +56,16 @@ enum Cmd {
         /// Keep running and print each new document when the key's versions change.
         #[arg(long)]
         watch: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain, reading the state database directly (read-only).
+    Verify {
+        /// State directory (default: state.dir from the config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -118,6 +133,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve => crate::daemon::serve(config_path).map(|_| ExitCode::SUCCESS),
         Cmd::CheckConfig => check_config(&config_path),
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { state_dir },
+        } => audit_verify(state_dir, &config_path),
         cmd => {
             let socket = socket_path(cli.socket.as_deref(), &config_path);
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -156,6 +174,24 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn audit_verify(state_dir: Option<PathBuf>, config_path: &Path) -> anyhow::Result<ExitCode> {
+    let dir = match state_dir {
+        Some(d) => d,
+        None => Config::load(config_path)?.state.dir,
+    };
+    let conn = crate::store::open_read_only(&dir)?;
+    match crate::audit::verify(&conn)? {
+        Ok(count) => {
+            println!("OK: {count} audit entries, chain intact");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err((seq, why)) => {
+            println!("BROKEN at sequence {seq}: {why}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn key_path(env: &str, country: &str) -> String {
     format!("/v1/keys/{env}/{country}")
 }
@@ -168,7 +204,9 @@ async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Resu
             country,
             watch,
         } => secrets(&client, &env, &country, watch).await,
-        Cmd::Serve | Cmd::CheckConfig => unreachable!("handled before connecting"),
+        Cmd::Serve | Cmd::CheckConfig | Cmd::Audit { .. } => {
+            unreachable!("handled before connecting")
+        }
     }
 }
 

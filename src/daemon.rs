@@ -16,6 +16,8 @@ use crate::clock::default_clock;
 use crate::config::{AccessPolicy, Config, VerificationMode};
 use crate::hsm::{Hsm, HsmWorker, Pkcs11Hsm};
 use crate::keyring::{harden_process, Keyring};
+use crate::metrics::Metrics;
+use crate::rotation::RotatorStatus;
 use crate::store::Store;
 use crate::verify::Verifier;
 use crate::{api, systemd};
@@ -28,11 +30,17 @@ pub struct App {
     pub verifier: Verifier,
     /// Flips to true when shutdown starts, ending long polls.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    pub metrics: Metrics,
+    pub rotator: RotatorStatus,
+    /// Wakes the rotator when the (test) clock moves.
+    pub clock_changed: tokio::sync::Notify,
 }
 
 impl App {
     /// The test clock moved: wake whatever waits on time.
-    pub fn on_clock_change(&self) {}
+    pub fn on_clock_change(&self) {
+        self.clock_changed.notify_one();
+    }
 }
 
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -119,11 +127,14 @@ async fn run(
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let access = config.access_policy()?;
     let app = Arc::new(App {
+        metrics: Metrics::new(keyring.hsm().error_counter()),
         keyring,
         access: ArcSwap::from_pointee(access),
         config: ArcSwap::from_pointee(config),
         verifier,
         stopping: tokio::sync::watch::channel(false).0,
+        rotator: RotatorStatus::default(),
+        clock_changed: tokio::sync::Notify::new(),
     });
     let summary = status_line(&app);
     tracing::info!(
@@ -134,6 +145,7 @@ async fn run(
     );
     systemd::ready(&summary);
     systemd::spawn_watchdog();
+    tokio::spawn(crate::rotation::run(app.clone()));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

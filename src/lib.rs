@@ -7,6 +7,7 @@
 //! `cli` and `client` are the command line.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -15,6 +16,8 @@ pub mod daemon;
 pub mod error;
 pub mod hsm;
 pub mod keyring;
+pub mod metrics;
+pub mod rotation;
 pub mod store;
 pub mod systemd;
 pub mod verify;

@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::audit::{self, AuditEntry, AuditRecord};
 use crate::error::{Error, Result};
 use crate::hsm::WRAP_IV_LEN;
 use crate::keyring::KeyId;
@@ -37,6 +38,23 @@ const MIGRATIONS: &[&str] = &[
         iv BLOB NOT NULL,
         wrapped BLOB NOT NULL,
         PRIMARY KEY (key_id, version)
+     );",
+    // 2: the hash-chained audit log.
+    "CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        time INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        uid INTEGER,
+        gid INTEGER,
+        pid INTEGER,
+        action TEXT NOT NULL,
+        environment TEXT,
+        country TEXT,
+        version INTEGER,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
      );",
 ];
 
@@ -215,6 +233,7 @@ impl Store {
         id: &KeyId,
         rotation_period_days: Option<u32>,
         v: &StoredVersion,
+        audit: &AuditEntry,
     ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -265,20 +284,118 @@ impl Store {
                 v.wrapped
             ],
         )?;
+        append_audit(&tx, audit)?;
         tx.commit()?;
         Ok(())
     }
 
-    pub fn set_rotation_period(&self, id: &KeyId, days: Option<u32>) -> Result<()> {
-        let n = self.conn().execute(
+    pub fn set_rotation_period(
+        &self,
+        id: &KeyId,
+        days: Option<u32>,
+        audit: &AuditEntry,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "UPDATE keys SET rotation_period_days = ?3 WHERE environment = ?1 AND country = ?2",
             params![id.env, id.country, days],
         )?;
         if n == 0 {
             return Err(Error::not_found("key_not_found", format!("no key {id}")));
         }
+        append_audit(&tx, audit)?;
+        tx.commit()?;
         Ok(())
     }
+
+    /// Appends one audit entry in its own transaction (refusals, failures).
+    pub fn audit(&self, entry: &AuditEntry) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        append_audit(&tx, entry)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Audit entries with `seq > since`, oldest first, at most `limit`.
+    pub fn audit_since(&self, since: i64, limit: usize) -> Result<Vec<AuditRecord>> {
+        read_audit(&self.conn(), since, limit)
+    }
+}
+
+/// Adds an entry chained to the last one; runs inside the caller's transaction.
+fn append_audit(tx: &rusqlite::Transaction<'_>, e: &AuditEntry) -> Result<()> {
+    let (last_seq, prev): (i64, String) = tx
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .unwrap_or((0, audit::GENESIS.to_string()));
+    let record = AuditRecord::chain(last_seq + 1, e.clone(), prev);
+    tx.execute(
+        "INSERT INTO audit (seq, time, actor, uid, gid, pid, action, environment, country, version, outcome, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            record.seq,
+            record.entry.time,
+            record.entry.actor,
+            record.entry.uid,
+            record.entry.gid,
+            record.entry.pid,
+            record.entry.action,
+            record.entry.environment,
+            record.entry.country,
+            record.entry.version,
+            record.entry.outcome,
+            record.entry.detail,
+            record.prev_hash,
+            record.hash
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn read_audit(conn: &Connection, since: i64, limit: usize) -> Result<Vec<AuditRecord>> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, time, actor, uid, gid, pid, action, environment, country, version, outcome, detail, prev_hash, hash
+         FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![since, limit as i64], |r| {
+            Ok(AuditRecord {
+                seq: r.get(0)?,
+                entry: AuditEntry {
+                    time: r.get(1)?,
+                    actor: r.get(2)?,
+                    uid: r.get(3)?,
+                    gid: r.get(4)?,
+                    pid: r.get(5)?,
+                    action: r.get(6)?,
+                    environment: r.get(7)?,
+                    country: r.get(8)?,
+                    version: r.get(9)?,
+                    outcome: r.get(10)?,
+                    detail: r.get(11)?,
+                },
+                prev_hash: r.get(12)?,
+                hash: r.get(13)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Opens the state database read-only (offline tools such as `audit verify`).
+pub fn open_read_only(dir: &Path) -> anyhow::Result<Connection> {
+    let path = dir.join(DB_FILE);
+    if !path.exists() {
+        anyhow::bail!("no state database at {}", path.display());
+    }
+    Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| anyhow::anyhow!("cannot open {} read-only: {e}", path.display()))
 }
 
 fn migrate(conn: &Connection) -> anyhow::Result<()> {

@@ -16,14 +16,19 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-venv=.venv
-if ! "$venv/bin/python" -c 'import incountry, moto' 2>/dev/null; then
-    echo "== making $venv (InCountry SDK, moto)"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check \
-        "incountry==5.0.0" "pydantic<2" "moto[server]"
-fi
-export KEYD_TEST_PYTHON="$PWD/$venv/bin/python"
+# Two venvs: the InCountry SDK needs pydantic<2, moto's server pulls in pydantic 2.
+make_venv() { # DIR IMPORTS PACKAGES...
+    local dir=$1 imports=$2; shift 2
+    if ! "$dir/bin/python" -c "import $imports" 2>/dev/null; then
+        echo "== making $dir ($*)"
+        python3 -m venv "$dir"
+        "$dir/bin/pip" install -q --disable-pip-version-check "$@"
+    fi
+}
+make_venv .venv incountry "incountry==5.0.0" "pydantic<2"
+make_venv .venv-moto "moto, boto3, flask" "moto[server]" boto3
+export KEYD_TEST_PYTHON="$PWD/.venv/bin/python"
+export KEYD_TEST_MOTO_PYTHON="$PWD/.venv-moto/bin/python"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::peer::{Peer, Role};
 use super::response::{self, Body};
+use crate::audit::Actor;
 use crate::clock::rfc3339;
 use crate::daemon::App;
 use crate::error::{Error, Result};
@@ -31,6 +32,8 @@ enum Route<'a> {
     Key(&'a str, &'a str),
     Secrets(&'a str, &'a str),
     Rotate(&'a str, &'a str),
+    Audit,
+    Metrics,
     #[cfg(feature = "test-clock")]
     TestClock,
 }
@@ -44,15 +47,34 @@ impl Route<'_> {
             ["", "v1", "keys", env, country] => Route::Key(env, country),
             ["", "v1", "keys", env, country, "secrets"] => Route::Secrets(env, country),
             ["", "v1", "keys", env, country, "rotate"] => Route::Rotate(env, country),
+            ["", "v1", "audit"] => Route::Audit,
+            ["", "metrics"] => Route::Metrics,
             #[cfg(feature = "test-clock")]
             ["", "v1", "test", "clock"] => Route::TestClock,
             _ => return None,
         })
     }
 
+    /// Route name for metrics labels (never the raw path: bounded cardinality).
+    fn name(&self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::Keys => "keys",
+            Route::Key(..) => "key",
+            Route::Secrets(..) => "secrets",
+            Route::Rotate(..) => "rotate",
+            Route::Audit => "audit",
+            Route::Metrics => "metrics",
+            #[cfg(feature = "test-clock")]
+            Route::TestClock => "test_clock",
+        }
+    }
+
     fn allow(&self) -> &'static str {
         match self {
-            Route::Health | Route::Keys | Route::Secrets(..) => "GET",
+            Route::Health | Route::Keys | Route::Secrets(..) | Route::Audit | Route::Metrics => {
+                "GET"
+            }
             Route::Key(..) => "GET, POST, PATCH",
             Route::Rotate(..) => "POST",
             #[cfg(feature = "test-clock")]
@@ -78,6 +100,12 @@ pub async fn handle(
             response::error(&e)
         }
     };
+    let route = Route::parse(&path).map_or("unknown", |r| r.name());
+    app.metrics.observe(
+        route,
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     tracing::debug!(
         uid = peer.uid,
         pid = peer.pid,
@@ -118,16 +146,26 @@ async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Resp
             Ok(response::json(StatusCode::OK, &key_document(&key)))
         }
         (Route::Key(env, country), Method::POST) => {
-            let id = KeyId::parse(env, country)?;
-            create(app, peer, id, req).await
+            admin(app, peer, AdminAction::Create, env, country, req).await
         }
         (Route::Key(env, country), _) => {
-            let id = KeyId::parse(env, country)?;
-            settings(app, peer, id, req).await
+            admin(app, peer, AdminAction::Settings, env, country, req).await
         }
         (Route::Rotate(env, country), _) => {
-            let id = KeyId::parse(env, country)?;
-            rotate(app, peer, id, req).await
+            admin(app, peer, AdminAction::Rotate, env, country, req).await
+        }
+        (Route::Audit, _) => audit(app, peer, req.uri().query()),
+        (Route::Metrics, _) => {
+            let now = app.keyring.clock().now().unix_timestamp();
+            let text = app.metrics.render(&app.keyring.snapshot(), now);
+            let mut resp = response::bytes(StatusCode::OK, Bytes::from(text));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            Ok(resp)
         }
         (Route::Secrets(env, country), _) => {
             let id = KeyId::parse(env, country)?;
@@ -159,7 +197,11 @@ async fn health(app: &App) -> Response<Body> {
         })
         .collect();
     let verification = app.verifier.mode();
-    let degraded = hsm != "ok" || !unavailable.is_empty() || verification == "off";
+    let rotation = app.rotator.view();
+    let degraded = hsm != "ok"
+        || !unavailable.is_empty()
+        || verification == "off"
+        || !rotation.failing.is_empty();
     response::json(
         StatusCode::OK,
         &json!({
@@ -169,6 +211,7 @@ async fn health(app: &App) -> Response<Body> {
             "versions": versions,
             "unavailable_versions": unavailable,
             "verification": verification,
+            "rotation": rotation,
         }),
     )
 }
@@ -225,6 +268,7 @@ fn key_document(k: &KeyState) -> serde_json::Value {
         "rotation_period_days": k.rotation_period_days,
         "rotation_period_months": k.rotation_period_days.map(months),
         "active_version": k.active().map(|v| v.version),
+        "next_rotation": k.next_rotation().map(rfc3339),
         "problem": k.problem,
         "versions": versions,
     })
@@ -244,7 +288,68 @@ struct PeriodBody {
     rotation_period_days: Option<u32>,
 }
 
-/// Admin requests: the admin role, then the verification code.
+#[derive(Clone, Copy)]
+enum AdminAction {
+    Create,
+    Rotate,
+    Settings,
+}
+
+impl AdminAction {
+    fn name(self) -> &'static str {
+        match self {
+            AdminAction::Create => "create",
+            AdminAction::Rotate => "rotate",
+            AdminAction::Settings => "settings",
+        }
+    }
+}
+
+/// Every admin change: the admin role, then the verification code, then the change. The
+/// change audits its success in its own transaction; every refusal or failure is audited
+/// here.
+async fn admin(
+    app: &App,
+    peer: &Peer,
+    action: AdminAction,
+    env: &str,
+    country: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let id = KeyId::parse(env, country);
+    let result = async {
+        let id = id
+            .as_ref()
+            .map_err(|e| Error::bad_input(e.code(), e))?
+            .clone();
+        authorize_admin(app, peer, &req, action.name()).await?;
+        match action {
+            AdminAction::Create => create(app, peer, id, req).await,
+            AdminAction::Rotate => rotate(app, peer, id, req).await,
+            AdminAction::Settings => settings(app, peer, id, req).await,
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        let outcome = match e {
+            Error::Unavailable { .. } | Error::Integrity { .. } | Error::Internal { .. } => {
+                "failed"
+            }
+            _ => "refused",
+        };
+        tracing::warn!(
+            uid = peer.uid, pid = peer.pid, action = action.name(), env, country,
+            error = %e, "admin action {outcome}"
+        );
+        let entry = app
+            .keyring
+            .audit_entry(&Actor::of(peer), action.name(), id.as_ref().ok())
+            .outcome(outcome, format!("{}: {e}", e.code()));
+        app.keyring.audit(entry).await;
+    }
+    result
+}
+
 async fn authorize_admin(
     app: &App,
     peer: &Peer,
@@ -252,12 +357,6 @@ async fn authorize_admin(
     action: &str,
 ) -> Result<()> {
     if peer.role < Role::Admin {
-        tracing::warn!(
-            uid = peer.uid,
-            pid = peer.pid,
-            action,
-            "admin action refused: not an admin"
-        );
         return Err(Error::forbidden(format!(
             "uid {} is not in access.admins",
             peer.uid
@@ -276,7 +375,6 @@ async fn create(
     id: KeyId,
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
-    authorize_admin(app, peer, &req, "create").await?;
     let body: CreateBody = read_json(app, req)
         .await?
         .ok_or_else(|| Error::bad_input("missing_body", "a JSON body with \"type\" is required"))?;
@@ -296,7 +394,7 @@ async fn create(
         }
     };
     let period = body.rotation_period_days.map(check_period).transpose()?;
-    add_version(app, peer, &id, source, period, false, "create").await
+    add_version(app, peer, &id, source, period, AdminAction::Create).await
 }
 
 async fn rotate(
@@ -305,10 +403,17 @@ async fn rotate(
     id: KeyId,
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
-    authorize_admin(app, peer, &req, "rotate").await?;
     let body: PeriodBody = read_json(app, req).await?.unwrap_or_default();
     let period = body.rotation_period_days.map(check_period).transpose()?;
-    add_version(app, peer, &id, KeySource::Managed, period, true, "rotate").await
+    add_version(
+        app,
+        peer,
+        &id,
+        KeySource::Managed,
+        period,
+        AdminAction::Rotate,
+    )
+    .await
 }
 
 async fn add_version(
@@ -317,32 +422,24 @@ async fn add_version(
     id: &KeyId,
     source: KeySource,
     period: Option<u32>,
-    existing_only: bool,
-    action: &str,
+    action: AdminAction,
 ) -> Result<Response<Body>> {
     let req = NewVersion {
         source,
         rotation_period_days: period,
         origin: Origin::Admin,
         versions_per_day: app.config.load().limits.versions_per_day,
-        existing_only,
+        existing_only: matches!(action, AdminAction::Rotate),
+        expect_active: None,
+        actor: Actor::of(peer),
+        action: action.name(),
     };
-    match app.keyring.add_version(id, req).await {
-        Ok(made) => {
-            tracing::info!(
-                uid = peer.uid, pid = peer.pid, action, env = %id.env, country = %id.country,
-                version = made.version, "new key version"
-            );
-            Ok(response::json(StatusCode::CREATED, &made))
-        }
-        Err(e) => {
-            tracing::warn!(
-                uid = peer.uid, pid = peer.pid, action, env = %id.env, country = %id.country,
-                error = %e, "admin action refused"
-            );
-            Err(e)
-        }
-    }
+    let made = app.keyring.add_version(id, req).await?;
+    tracing::info!(
+        uid = peer.uid, pid = peer.pid, action = action.name(), env = %id.env, country = %id.country,
+        version = made.version, "new key version"
+    );
+    Ok(response::json(StatusCode::CREATED, &made))
 }
 
 async fn settings(
@@ -351,7 +448,6 @@ async fn settings(
     id: KeyId,
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
-    authorize_admin(app, peer, &req, "settings").await?;
     let body: PeriodBody = read_json(app, req).await?.unwrap_or_default();
     let days = body.rotation_period_days.ok_or_else(|| {
         Error::bad_input(
@@ -360,11 +456,39 @@ async fn settings(
         )
     })?;
     app.keyring
-        .set_rotation_period(&id, check_period(days)?)
+        .set_rotation_period(&id, check_period(days)?, &Actor::of(peer))
         .await?;
     tracing::info!(uid = peer.uid, pid = peer.pid, action = "settings", env = %id.env, country = %id.country, rotation_period_days = days, "key settings changed");
     let key = app.keyring.key(&id)?;
     Ok(response::json(StatusCode::OK, &key_document(&key)))
+}
+
+/// `GET /v1/audit?since=SEQ`: admins only; up to 1000 entries after SEQ.
+fn audit(app: &App, peer: &Peer, query: Option<&str>) -> Result<Response<Body>> {
+    if peer.role < Role::Admin {
+        return Err(Error::forbidden(format!(
+            "uid {} is not in access.admins",
+            peer.uid
+        )));
+    }
+    let since = match query_param(query, "since") {
+        Some(v) => v.parse::<i64>().ok().filter(|s| *s >= 0).ok_or_else(|| {
+            Error::bad_input("invalid_since", "since must be a sequence number >= 0")
+        })?,
+        None => 0,
+    };
+    let entries = app.keyring.store().audit_since(since, 1000)?;
+    let next = entries.last().map_or(since, |e| e.seq);
+    Ok(response::json(
+        StatusCode::OK,
+        &json!({ "entries": entries, "next": next }),
+    ))
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
 }
 
 /// The secrets document, with ETag; `If-None-Match` + `?wait=S` holds the request until the

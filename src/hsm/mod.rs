@@ -9,6 +9,8 @@ mod pkcs11;
 pub use pkcs11::Pkcs11Hsm;
 
 use std::sync::mpsc;
+
+use prometheus_client::metrics::counter::Counter;
 use zeroize::Zeroizing;
 
 /// Length of the GCM IV used to wrap data keys (the daemon supplies it: SoftHSM cannot).
@@ -66,6 +68,7 @@ type Job = Box<dyn FnOnce(&mut dyn Hsm) + Send>;
 #[derive(Clone)]
 pub struct HsmWorker {
     jobs: mpsc::Sender<Job>,
+    errors: Counter,
 }
 
 impl HsmWorker {
@@ -99,7 +102,22 @@ impl HsmWorker {
         ready_rx
             .recv()
             .map_err(|_| HsmError::Setup("HSM worker thread ended during start".into()))??;
-        Ok(HsmWorker { jobs })
+        Ok(HsmWorker {
+            jobs,
+            errors: Counter::default(),
+        })
+    }
+
+    /// Counts HSM operations that returned an error (for metrics).
+    pub fn error_counter(&self) -> Counter {
+        self.errors.clone()
+    }
+
+    fn count<T>(&self, r: Result<T, HsmError>) -> Result<T, HsmError> {
+        if r.is_err() {
+            self.errors.inc();
+        }
+        r
     }
 
     /// Runs `f` on the HSM thread and awaits its result without blocking the runtime.
@@ -114,8 +132,11 @@ impl HsmWorker {
                 let _ = tx.send(f(hsm));
             }))
             .map_err(|_| HsmError::Unavailable("HSM worker thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| HsmError::Unavailable("HSM worker thread dropped a job".into()))?
+        self.count(
+            rx.await
+                .map_err(|_| HsmError::Unavailable("HSM worker thread dropped a job".into()))
+                .and_then(|r| r),
+        )
     }
 
     /// Runs `f` on the HSM thread from synchronous code (start-up, offline tools).
@@ -130,7 +151,10 @@ impl HsmWorker {
                 let _ = tx.send(f(hsm));
             }))
             .map_err(|_| HsmError::Unavailable("HSM worker thread has stopped".into()))?;
-        rx.recv()
-            .map_err(|_| HsmError::Unavailable("HSM worker thread dropped a job".into()))?
+        self.count(
+            rx.recv()
+                .map_err(|_| HsmError::Unavailable("HSM worker thread dropped a job".into()))
+                .and_then(|r| r),
+        )
     }
 }

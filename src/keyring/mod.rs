@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::audit::{Actor, AuditEntry};
 use crate::clock::{rfc3339, seconds_to_utc_midnight, SharedClock};
 use crate::error::{Error, Result};
 use crate::hsm::{HsmError, HsmWorker, WRAP_IV_LEN};
@@ -73,6 +74,12 @@ pub struct NewVersion {
     pub versions_per_day: u32,
     /// Only add a version to an existing key (rotate), never create one.
     pub existing_only: bool,
+    /// Only if this is still the active version (the timer's guard against racing an
+    /// admin rotation).
+    pub expect_active: Option<u32>,
+    pub actor: Actor,
+    /// For the audit log: "create", "rotate".
+    pub action: &'static str,
 }
 
 /// What an admin change made.
@@ -157,6 +164,12 @@ impl Keyring {
         let existing = self.current.load().keys.get(id).cloned();
         let (version, period) = match &existing {
             Some(key) => {
+                if req.expect_active.is_some_and(|v| v != key.last_version()) {
+                    return Err(Error::conflict(
+                        "stale_rotation",
+                        format!("{id} changed since the rotation was planned"),
+                    ));
+                }
                 if let Some(problem) = &key.problem {
                     return Err(Error::unavailable("root_key_missing", problem));
                 }
@@ -190,13 +203,14 @@ impl Keyring {
         let material = DataKey::new(&key_bytes[..])
             .map(|k| Material::Ready(Arc::new(k)))
             .ok_or_else(|| Error::internal("cannot allocate key memory"))?;
-        {
-            let store = self.store.clone();
-            let id = id.clone();
-            tokio::task::spawn_blocking(move || store.add_version(&id, period, &stored))
-                .await
-                .map_err(|e| Error::internal(format!("state writer: {e}")))??;
-        }
+        let audit = AuditEntry::new(now.unix_timestamp(), &req.actor, req.action, Some(id))
+            .version(version)
+            .outcome("ok", format!("new {} version", req.source.kind().as_str()));
+        self.blocking(
+            move |store, id| store.add_version(id, period, &stored, &audit),
+            id,
+        )
+        .await?;
         if root_created {
             tracing::info!(env = %id.env, country = %id.country, "created root key in HSM");
         }
@@ -223,18 +237,56 @@ impl Keyring {
     }
 
     /// Changes a key's rotation period.
-    pub async fn set_rotation_period(&self, id: &KeyId, days: u32) -> Result<()> {
+    pub async fn set_rotation_period(&self, id: &KeyId, days: u32, actor: &Actor) -> Result<()> {
         let _writer = self.writer.lock().await;
         let key = self.key(id)?;
-        {
-            let store = self.store.clone();
-            let id = id.clone();
-            tokio::task::spawn_blocking(move || store.set_rotation_period(&id, Some(days)))
-                .await
-                .map_err(|e| Error::internal(format!("state writer: {e}")))??;
-        }
+        let audit = AuditEntry::new(
+            self.clock.now().unix_timestamp(),
+            actor,
+            "settings",
+            Some(id),
+        )
+        .outcome("ok", format!("rotation_period_days = {days}"));
+        self.blocking(
+            move |store, id| store.set_rotation_period(id, Some(days), &audit),
+            id,
+        )
+        .await?;
         self.publish(key.with_period(Some(days)));
         Ok(())
+    }
+
+    /// Records an audit entry made outside a key change (refusals, failures). A failure to
+    /// write it is logged loudly; it does not change the caller's answer.
+    pub async fn audit(&self, entry: AuditEntry) {
+        let action = entry.action.clone();
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || store.audit(&entry)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::error!(action, "cannot write audit entry");
+        }
+    }
+
+    /// An audit entry stamped with the keyring's clock.
+    pub fn audit_entry(&self, actor: &Actor, action: &str, id: Option<&KeyId>) -> AuditEntry {
+        AuditEntry::new(self.clock.now().unix_timestamp(), actor, action, id)
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Runs a state operation off the runtime (SQLite fsyncs).
+    async fn blocking<T, F>(&self, f: F, id: &KeyId) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store, &KeyId) -> Result<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || f(&store, &id))
+            .await
+            .map_err(|e| Error::internal(format!("state writer: {e}")))?
     }
 
     /// A fresh data key from the HSM RNG, wrapped under the key's root key (created on first

@@ -93,6 +93,20 @@ impl KeyState {
         self.versions.last()
     }
 
+    /// When the timer rotates this key: the active managed version's creation plus the
+    /// rotation period. `None` while a customer-supplied version is active, without a
+    /// period, or while the key is unavailable.
+    pub fn next_rotation(&self) -> Option<i64> {
+        if self.problem.is_some() {
+            return None;
+        }
+        let active = self.active()?;
+        if active.kind != VersionType::Managed {
+            return None;
+        }
+        Some(active.created + i64::from(self.rotation_period_days?) * 86_400)
+    }
+
     pub fn version(&self, n: u32) -> Option<&VersionState> {
         self.versions.iter().find(|v| v.version == n)
     }

@@ -408,3 +408,37 @@ pub fn sdk(doc: &serde_json::Value, args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Polls `f` until it returns true, failing after `secs` seconds.
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Daemon {
+    /// Moves the clock and waits until the rotator has run a pass at the new time.
+    pub fn advance_and_settle(&self, seconds: i64) {
+        let r = self.post(
+            "/v1/test/clock",
+            serde_json::json!({ "advance_seconds": seconds }),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let now = r.json()["now"].as_str().unwrap().to_string();
+        wait_until("a rotator pass after the clock moved", 10, || {
+            let h = self.get("/v1/health").json();
+            h["rotation"]["last_check"]
+                .as_str()
+                .is_some_and(|t| t >= now.as_str())
+        });
+    }
+
+    pub fn versions(&self, env: &str, country: &str) -> Vec<serde_json::Value> {
+        self.get(&format!("/v1/keys/{env}/{country}")).json()["versions"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}

@@ -1,0 +1,148 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text). Counters are updated where things
+//! happen; gauges about keys are read from the keyring snapshot at scrape time.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::keyring::Snapshot;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub environment: String,
+    pub country: String,
+}
+
+type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: HistogramFamily,
+    pub rotations: Counter,
+    pub rotation_failures: Counter,
+    keys: Gauge,
+    versions: Gauge,
+    unavailable: Gauge,
+    next_rotation: Family<KeyLabels, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+}
+
+impl Metrics {
+    /// `hsm_errors` is the counter the HSM worker increments.
+    pub fn new(hsm_errors: Counter) -> Metrics {
+        let mut registry = Registry::with_prefix("keyd");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let rotations = Counter::default();
+        let rotation_failures = Counter::default();
+        let keys = Gauge::default();
+        let versions = Gauge::default();
+        let unavailable = Gauge::default();
+        let next_rotation = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Request latency by route",
+            latency.clone(),
+        );
+        registry.register("rotations", "Timer rotations done", rotations.clone());
+        registry.register(
+            "rotation_failures",
+            "Timer rotations that failed (retried)",
+            rotation_failures.clone(),
+        );
+        registry.register(
+            "hsm_errors",
+            "HSM operations that returned an error",
+            hsm_errors,
+        );
+        registry.register("keys_loaded", "Keys in memory", keys.clone());
+        registry.register(
+            "versions_loaded",
+            "Key versions in memory",
+            versions.clone(),
+        );
+        registry.register(
+            "versions_unavailable",
+            "Versions that cannot be served",
+            unavailable.clone(),
+        );
+        registry.register(
+            "seconds_until_rotation",
+            "Seconds until the next timer rotation of each managed key",
+            next_rotation.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            rotations,
+            rotation_failures,
+            keys,
+            versions,
+            unavailable,
+            next_rotation,
+        }
+    }
+
+    pub fn observe(&self, route: &'static str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels { route })
+            .observe(seconds);
+    }
+
+    /// Encodes everything, refreshing the key gauges from `snap` first.
+    pub fn render(&self, snap: &Snapshot, now: i64) -> String {
+        self.keys.set(snap.keys.len() as i64);
+        let versions = snap.keys.values().map(|k| k.versions.len()).sum::<usize>();
+        self.versions.set(versions as i64);
+        let bad = snap
+            .keys
+            .values()
+            .flat_map(|k| k.versions.iter())
+            .filter(|v| v.key().is_none())
+            .count();
+        self.unavailable.set(bad as i64);
+        for key in snap.keys.values() {
+            if let Some(due) = key.next_rotation() {
+                self.next_rotation
+                    .get_or_create(&KeyLabels {
+                        environment: key.id.env.clone(),
+                        country: key.id.country.clone(),
+                    })
+                    .set(due - now);
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,169 @@
+//! The rotator: a task that rotates each managed key when its period since the active
+//! version's creation has run out. Due times are derived from state on every pass, so a
+//! restart neither repeats nor skips a rotation, and a key that fell due while the daemon
+//! was down rotates once at start. It sleeps until the earliest due time (at most an hour,
+//! for wall-clock jumps and suspend) and wakes early on any key change or clock change.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::audit::Actor;
+use crate::clock::rfc3339;
+use crate::daemon::App;
+use crate::keyring::{KeyId, KeySource, NewVersion};
+use crate::store::Origin;
+
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const MAX_RETRY: Duration = Duration::from_secs(600);
+
+struct Failure {
+    attempts: u32,
+    error: String,
+    retry_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    checks: u64,
+    last_check: Option<i64>,
+    failing: BTreeMap<KeyId, Failure>,
+}
+
+/// What health reports about the rotator.
+#[derive(Default)]
+pub struct RotatorStatus {
+    state: Mutex<State>,
+}
+
+#[derive(Serialize)]
+pub struct StatusView {
+    pub checks: u64,
+    pub last_check: Option<String>,
+    pub failing: Vec<serde_json::Value>,
+}
+
+impl RotatorStatus {
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn view(&self) -> StatusView {
+        self.with(|s| StatusView {
+            checks: s.checks,
+            last_check: s.last_check.map(rfc3339),
+            failing: s
+                .failing
+                .iter()
+                .map(|(id, f)| {
+                    serde_json::json!({
+                        "key": id.to_string(),
+                        "attempts": f.attempts,
+                        "error": f.error,
+                        "retry_in_seconds": f.retry_at.saturating_duration_since(Instant::now()).as_secs(),
+                    })
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Runs until the daemon stops.
+pub async fn run(app: Arc<App>) {
+    let mut changes = app.keyring.subscribe();
+    let mut stopping = app.stopping.subscribe();
+    loop {
+        let wake_in = pass(&app).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wake_in) => {}
+            _ = app.clock_changed.notified() => {}
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Rotates every due key once; returns how long to sleep before the next pass.
+async fn pass(app: &App) -> Duration {
+    let now = app.keyring.clock().now().unix_timestamp();
+    let mut sleep = MAX_SLEEP;
+    for key in app.keyring.snapshot().keys.values() {
+        let Some(due) = key.next_rotation() else {
+            continue;
+        };
+        if due > now {
+            sleep = sleep.min(Duration::from_secs((due - now) as u64));
+            continue;
+        }
+        let retry_at = app
+            .rotator
+            .with(|s| s.failing.get(&key.id).map(|f| f.retry_at));
+        if let Some(at) = retry_at.filter(|at| *at > Instant::now()) {
+            sleep = sleep.min(at - Instant::now());
+            continue;
+        }
+        let req = NewVersion {
+            source: KeySource::Managed,
+            rotation_period_days: None,
+            origin: Origin::Timer,
+            versions_per_day: u32::MAX,
+            existing_only: true,
+            expect_active: Some(key.last_version()),
+            actor: Actor::Timer,
+            action: "rotate",
+        };
+        match app.keyring.add_version(&key.id, req).await {
+            Ok(made) => {
+                app.metrics.rotations.inc();
+                app.rotator.with(|s| s.failing.remove(&key.id));
+                tracing::info!(
+                    env = %key.id.env, country = %key.id.country, version = made.version,
+                    overdue_seconds = now - due, "timer rotation"
+                );
+            }
+            // Someone else changed the key first: the next pass re-plans from the new state.
+            Err(crate::error::Error::Conflict {
+                code: "stale_rotation",
+                ..
+            }) => {}
+            Err(e) => {
+                app.metrics.rotation_failures.inc();
+                let attempts = app
+                    .rotator
+                    .with(|s| s.failing.get(&key.id).map_or(0, |f| f.attempts))
+                    + 1;
+                let backoff =
+                    (FIRST_RETRY * 2u32.saturating_pow(attempts.min(16) - 1)).min(MAX_RETRY);
+                tracing::error!(
+                    env = %key.id.env, country = %key.id.country, attempts,
+                    retry_in_seconds = backoff.as_secs(), error = %e, "timer rotation failed"
+                );
+                let entry = app
+                    .keyring
+                    .audit_entry(&Actor::Timer, "rotate", Some(&key.id))
+                    .outcome("failed", e.to_string());
+                app.keyring.audit(entry).await;
+                app.rotator.with(|s| {
+                    s.failing.insert(
+                        key.id.clone(),
+                        Failure {
+                            attempts,
+                            error: e.to_string(),
+                            retry_at: Instant::now() + backoff,
+                        },
+                    )
+                });
+                sleep = sleep.min(backoff);
+            }
+        }
+    }
+    app.rotator.with(|s| {
+        s.checks += 1;
+        s.last_check = Some(now);
+    });
+    sleep
+}
