@@ -1,7 +1,7 @@
 //! Command line: `serve` runs the daemon; every other command is a client of its socket
 //! (or, for `check-config`, a look at files only).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -44,6 +44,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Admin identity: verification codes.
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -56,6 +61,24 @@ enum Cmd {
         /// Keep running and print each new document when the key's versions change.
         #[arg(long)]
         watch: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Enroll (or replace) your TOTP secret: prints an otpauth:// URI and a QR code, then
+    /// activates the secret once you type a code from your authenticator.
+    TotpEnroll {
+        #[command(flatten)]
+        code: Code,
+    },
+    /// Offline, as root, with the daemon stopped: remove a uid's TOTP secret (audited).
+    TotpReset {
+        #[arg(long)]
+        uid: u32,
+        /// State directory (default: state.dir from the config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -136,6 +159,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { state_dir },
         } => audit_verify(state_dir, &config_path),
+        Cmd::Admin {
+            cmd: AdminCmd::TotpReset { uid, state_dir },
+        } => totp_reset(uid, state_dir, &config_path),
         cmd => {
             let socket = socket_path(cli.socket.as_deref(), &config_path);
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -199,12 +225,20 @@ fn key_path(env: &str, country: &str) -> String {
 async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Keys { cmd } => keys(&client, cmd, as_json).await,
+        Cmd::Admin {
+            cmd: AdminCmd::TotpEnroll { code },
+        } => totp_enroll(&client, code).await,
         Cmd::Secrets {
             env,
             country,
             watch,
         } => secrets(&client, &env, &country, watch).await,
-        Cmd::Serve | Cmd::CheckConfig | Cmd::Audit { .. } => {
+        Cmd::Serve
+        | Cmd::CheckConfig
+        | Cmd::Audit { .. }
+        | Cmd::Admin {
+            cmd: AdminCmd::TotpReset { .. },
+        } => {
             unreachable!("handled before connecting")
         }
     }
@@ -289,14 +323,106 @@ async fn admin(
     if let Some(obj) = body.as_object_mut() {
         obj.retain(|_, v| !v.is_null());
     }
+    let body = body.to_string().into_bytes();
+    let mut code = code.code;
+    loop {
+        let headers: Vec<(&str, &str)> = code
+            .as_deref()
+            .map(|c| vec![("x-verification-code", c)])
+            .unwrap_or_default();
+        let reply = client
+            .request(method.clone(), path, &headers, Some(body.clone()))
+            .await?;
+        if code.is_none() && wants_code(&reply) && std::io::stdin().is_terminal() {
+            code = Some(prompt("Verification code: ")?);
+            continue;
+        }
+        return ok(reply);
+    }
+}
+
+fn wants_code(reply: &Reply) -> bool {
+    reply.status == StatusCode::UNAUTHORIZED
+        && reply
+            .json()
+            .is_ok_and(|d| d["error"]["code"] == "verification_required")
+}
+
+fn prompt(text: &str) -> anyhow::Result<String> {
+    eprint!("{text}");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+async fn totp_enroll(client: &Client, code: Code) -> anyhow::Result<ExitCode> {
     let headers: Vec<(&str, &str)> = code
         .code
         .as_deref()
         .map(|c| vec![("x-verification-code", c)])
         .unwrap_or_default();
+    let reply = ok(client
+        .request(
+            Method::POST,
+            "/v1/admin/totp/enroll",
+            &headers,
+            Some(b"{}".to_vec()),
+        )
+        .await?)?;
+    let doc = reply.json()?;
+    let uri = doc["otpauth_uri"].as_str().unwrap_or_default();
+    if std::io::stdout().is_terminal() {
+        if let Ok(qr) = qrcode::QrCode::new(uri.as_bytes()) {
+            println!(
+                "{}",
+                qr.render::<qrcode::render::unicode::Dense1x2>()
+                    .quiet_zone(true)
+                    .build()
+            );
+        }
+    }
+    println!("otpauth URI: {uri}");
+    println!("Add it to your authenticator app, then type the code it shows.");
+    let code = prompt("Code: ")?;
+    let body = json!({ "code": code }).to_string().into_bytes();
     ok(client
-        .request(method, path, &headers, Some(body.to_string().into_bytes()))
-        .await?)
+        .request(Method::POST, "/v1/admin/totp/confirm", &[], Some(body))
+        .await?)?;
+    println!("Enrolled: admin changes by this uid now need a code from this secret.");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn totp_reset(
+    uid: u32,
+    state_dir: Option<PathBuf>,
+    config_path: &Path,
+) -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("totp-reset must run as root");
+    }
+    let dir = match state_dir {
+        Some(d) => d,
+        None => Config::load(config_path)?.state.dir,
+    };
+    // Takes the state lock: refuses while the daemon runs.
+    let store = crate::store::Store::open(&dir)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let actor = crate::audit::Actor::Peer {
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+        pid: Some(std::process::id() as i32),
+    };
+    let entry = crate::audit::AuditEntry::new(now, &actor, "totp-reset", None).outcome(
+        "ok",
+        format!("offline reset of uid {uid}'s verification secret"),
+    );
+    if store.totp_delete(uid, &entry)? {
+        println!("uid {uid}: verification secret removed; it can enroll again without a code");
+    } else {
+        println!("uid {uid} had no verification secret (the attempt is audited)");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ok(reply: Reply) -> anyhow::Result<Reply> {

@@ -98,7 +98,6 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     let log = init_logging(&config.log.level);
     harden_process();
-    let verifier = Verifier::new(config.verification.mode)?;
     if config.verification.mode == VerificationMode::Off {
         tracing::warn!("verification.mode = \"off\": admin changes need no verification code (development only)");
     }
@@ -109,19 +108,25 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         .thread_name("keyd-rt")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(config_path, config, log, verifier, hsm, store))
+    runtime.block_on(run(config_path, config, log, hsm, store))
 }
 
 async fn run(
     config_path: PathBuf,
     config: Config,
     log: LogHandle,
-    verifier: Verifier,
     hsm: HsmWorker,
     store: Arc<Store>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let keyring = Keyring::load(store, hsm, default_clock()).await?;
+    let clock = default_clock();
+    let verifier = Verifier::new(
+        config.verification.mode,
+        store.clone(),
+        hsm.clone(),
+        clock.clone(),
+    );
+    let keyring = Keyring::load(store, hsm, clock).await?;
     let (listener, activated) =
         systemd::listener(&config.server.socket, config.server.socket_mode)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;

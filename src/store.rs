@@ -56,6 +56,15 @@ const MIGRATIONS: &[&str] = &[
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
      );",
+    // 3: admins' TOTP secrets, sealed by the HSM's system root key; the last accepted
+    // time step refuses replays across restarts.
+    "CREATE TABLE totp (
+        uid INTEGER PRIMARY KEY,
+        iv BLOB NOT NULL,
+        sealed BLOB NOT NULL,
+        created INTEGER NOT NULL,
+        last_step INTEGER NOT NULL
+     );",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +130,13 @@ pub struct StoredKey {
     pub rotation_period_days: Option<u32>,
     pub created: i64,
     pub versions: Vec<StoredVersion>,
+}
+
+/// An admin's sealed TOTP secret. No Debug.
+pub struct StoredTotp {
+    pub iv: [u8; WRAP_IV_LEN],
+    pub sealed: Vec<u8>,
+    pub last_step: u64,
 }
 
 pub struct Store {
@@ -307,6 +323,72 @@ impl Store {
         append_audit(&tx, audit)?;
         tx.commit()?;
         Ok(())
+    }
+
+    pub fn totp_get(&self, uid: u32) -> Result<Option<StoredTotp>> {
+        let row: Option<(Vec<u8>, Vec<u8>, i64)> = self
+            .conn()
+            .query_row(
+                "SELECT iv, sealed, last_step FROM totp WHERE uid = ?1",
+                [uid],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        row.map(|(iv, sealed, last_step)| {
+            Ok(StoredTotp {
+                iv: iv.as_slice().try_into().map_err(|_| {
+                    Error::integrity(format!("TOTP row of uid {uid}: bad IV length"))
+                })?,
+                sealed,
+                last_step: last_step.max(0) as u64,
+            })
+        })
+        .transpose()
+    }
+
+    pub fn totp_count(&self) -> Result<u64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM totp", [], |r| r.get::<_, i64>(0))?
+            .max(0) as u64)
+    }
+
+    /// Stores (or replaces) an admin's sealed secret, with its audit entry, in one transaction.
+    pub fn totp_put(
+        &self,
+        uid: u32,
+        t: &StoredTotp,
+        created: i64,
+        audit: &AuditEntry,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO totp (uid, iv, sealed, created, last_step) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![uid, &t.iv[..], t.sealed, created, t.last_step as i64],
+        )?;
+        append_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks `step` used for `uid`; false when it (or a later step) was used already.
+    pub fn totp_use_step(&self, uid: u32, step: u64) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE totp SET last_step = ?2 WHERE uid = ?1 AND last_step < ?2",
+            params![uid, step as i64],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Removes an admin's secret (offline reset), with its audit entry.
+    pub fn totp_delete(&self, uid: u32, audit: &AuditEntry) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute("DELETE FROM totp WHERE uid = ?1", [uid])?;
+        append_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(n == 1)
     }
 
     /// Appends one audit entry in its own transaction (refusals, failures).

@@ -34,6 +34,8 @@ enum Route<'a> {
     Rotate(&'a str, &'a str),
     Audit,
     Metrics,
+    TotpEnroll,
+    TotpConfirm,
     #[cfg(feature = "test-clock")]
     TestClock,
 }
@@ -48,6 +50,8 @@ impl Route<'_> {
             ["", "v1", "keys", env, country, "secrets"] => Route::Secrets(env, country),
             ["", "v1", "keys", env, country, "rotate"] => Route::Rotate(env, country),
             ["", "v1", "audit"] => Route::Audit,
+            ["", "v1", "admin", "totp", "enroll"] => Route::TotpEnroll,
+            ["", "v1", "admin", "totp", "confirm"] => Route::TotpConfirm,
             ["", "metrics"] => Route::Metrics,
             #[cfg(feature = "test-clock")]
             ["", "v1", "test", "clock"] => Route::TestClock,
@@ -65,6 +69,8 @@ impl Route<'_> {
             Route::Rotate(..) => "rotate",
             Route::Audit => "audit",
             Route::Metrics => "metrics",
+            Route::TotpEnroll => "totp_enroll",
+            Route::TotpConfirm => "totp_confirm",
             #[cfg(feature = "test-clock")]
             Route::TestClock => "test_clock",
         }
@@ -76,7 +82,7 @@ impl Route<'_> {
                 "GET"
             }
             Route::Key(..) => "GET, POST, PATCH",
-            Route::Rotate(..) => "POST",
+            Route::Rotate(..) | Route::TotpEnroll | Route::TotpConfirm => "POST",
             #[cfg(feature = "test-clock")]
             Route::TestClock => "POST",
         }
@@ -155,6 +161,8 @@ async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Resp
             admin(app, peer, AdminAction::Rotate, env, country, req).await
         }
         (Route::Audit, _) => audit(app, peer, req.uri().query()),
+        (Route::TotpEnroll, _) => enroll(app, peer, req, false).await,
+        (Route::TotpConfirm, _) => enroll(app, peer, req, true).await,
         (Route::Metrics, _) => {
             let now = app.keyring.clock().now().unix_timestamp();
             let text = app.metrics.render(&app.keyring.snapshot(), now);
@@ -461,6 +469,56 @@ async fn settings(
     tracing::info!(uid = peer.uid, pid = peer.pid, action = "settings", env = %id.env, country = %id.country, rotation_period_days = days, "key settings changed");
     let key = app.keyring.key(&id)?;
     Ok(response::json(StatusCode::OK, &key_document(&key)))
+}
+
+/// TOTP enrollment of the calling admin: `enroll` makes a pending secret, `confirm` activates
+/// it with a code from it. Refusals are audited.
+async fn enroll(
+    app: &App,
+    peer: &Peer,
+    req: Request<Incoming>,
+    confirm: bool,
+) -> Result<Response<Body>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ConfirmBody {
+        code: String,
+    }
+    let result = async {
+        if peer.role < Role::Admin {
+            return Err(Error::forbidden(format!(
+                "uid {} is not in access.admins",
+                peer.uid
+            )));
+        }
+        if confirm {
+            let body: ConfirmBody = read_json(app, req).await?.ok_or_else(|| {
+                Error::bad_input("missing_body", "{\"code\": \"123456\"} is required")
+            })?;
+            app.verifier.enroll_confirm(peer, &body.code).await?;
+            Ok(response::json(
+                StatusCode::OK,
+                &json!({ "enrolled": true, "uid": peer.uid }),
+            ))
+        } else {
+            let code = req
+                .headers()
+                .get(VERIFICATION_HEADER)
+                .and_then(|v| v.to_str().ok());
+            let enrollment = app.verifier.enroll_begin(peer, code).await?;
+            Ok(response::json(StatusCode::OK, &enrollment))
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::warn!(uid = peer.uid, pid = peer.pid, error = %e, "TOTP enrollment refused");
+        let entry = app
+            .keyring
+            .audit_entry(&Actor::of(peer), "totp-enroll", None)
+            .outcome("refused", format!("{}: {e}", e.code()));
+        app.keyring.audit(entry).await;
+    }
+    result
 }
 
 /// `GET /v1/audit?since=SEQ`: admins only; up to 1000 entries after SEQ.

@@ -136,6 +136,8 @@ pub struct Options {
     pub versions_per_day: u32,
     pub extra: String,
     pub clock_offset: i64,
+    /// verification.mode: "off" (default in tests) or "totp".
+    pub verification: &'static str,
 }
 
 impl Default for Options {
@@ -146,6 +148,7 @@ impl Default for Options {
             versions_per_day: 1,
             extra: String::new(),
             clock_offset: 0,
+            verification: "off",
         }
     }
 }
@@ -189,13 +192,14 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "version = 1\n[server]\nsocket = \"{}\"\n[hsm]\nmodule = \"{MODULE}\"\npin_file = \"{}\"\n[state]\ndir = \"{}\"\n[access]\nreaders = [{}]\nadmins = [{}]\n[limits]\nversions_per_day = {}\n[verification]\nmode = \"off\"\n[log]\nlevel = \"debug\"\n{}",
+                "version = 1\n[server]\nsocket = \"{}\"\n[hsm]\nmodule = \"{MODULE}\"\npin_file = \"{}\"\n[state]\ndir = \"{}\"\n[access]\nreaders = [{}]\nadmins = [{}]\n[limits]\nversions_per_day = {}\n[verification]\nmode = \"{}\"\n[log]\nlevel = \"debug\"\n{}",
                 socket.display(),
                 token.pin_file().display(),
                 tmp.path().join("state").display(),
                 list(&opts.readers),
                 list(&opts.admins),
                 opts.versions_per_day,
+                opts.verification,
                 opts.extra,
             ),
         )
