@@ -112,6 +112,8 @@ fn create_show_rotate_restart_and_sdk_interop() {
     assert_eq!(back["plaintext"], "record under v2");
 
     assert_no_key_in(&d.log_text(), &secrets_of(&doc3));
+    let pin = std::fs::read_to_string(d.token.pin_file()).unwrap();
+    assert!(!d.log_text().contains(pin.trim()), "the PIN appears in the log");
     let db = std::fs::read(d.state_db()).unwrap();
     for k in secrets_of(&doc3) {
         let raw = base64_decode(&k);
@@ -522,4 +524,47 @@ fn second_daemon_on_same_state_refuses() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("pid {}", d.pid())), "{err}");
     assert_eq!(d.get("/v1/health").status, 200);
+}
+
+#[test]
+fn stale_socket_is_replaced_and_mode_is_0660() {
+    let mut d = Daemon::start();
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    d.signal("KILL");
+    wait_until("the daemon to die", 10, || {
+        std::os::unix::net::UnixStream::connect(&d.socket).is_err()
+    });
+    assert!(d.socket.exists(), "a crash leaves the socket file behind");
+    let _ = d.stop();
+    let d = d.launch();
+    assert_eq!(d.get("/v1/health").status, 200);
+}
+
+#[test]
+fn check_config_validates_without_starting() {
+    let d = Daemon::prepare(Options::default());
+    let run = |cfg: &std::path::Path| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(cfg)
+            .arg("check-config")
+            .output()
+            .unwrap()
+    };
+    let out = run(&d.config);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.socket.exists(), "check-config must not start the daemon");
+
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let bad = d.tmp.path().join("bad.toml");
+    std::fs::write(&bad, text.replace("[state]\n", "[state]\nretention = 5\n")).unwrap();
+    let out = run(&bad);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retention"));
+
+    std::fs::set_permissions(d.token.pin_file(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = run(&d.config);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hsm-pin") || String::from_utf8_lossy(&out.stderr).contains("user-pin"));
 }

@@ -275,6 +275,10 @@ impl Daemon {
         }
     }
 
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
