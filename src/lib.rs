@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod daemon;
 pub mod error;
 pub mod hsm;
