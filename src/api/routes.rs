@@ -14,11 +14,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::peer::{Peer, Role};
+use super::records::{self, Op};
 use super::response::{self, Body};
 use crate::clock::rfc3339;
 use crate::daemon::App;
 use crate::error::{Error, Result};
-use crate::keyring::{check_period, KeyId, KeySource, KeyState, NewVersion};
+use crate::keyring::{check_period, KeyId, KeySource, KeyState, NewVersion, RecordCounters};
 use crate::store::{Origin, VersionType};
 
 /// Header carrying the verification code of admin requests.
@@ -31,6 +32,7 @@ enum Route<'a> {
     Key(&'a str, &'a str),
     Secrets(&'a str, &'a str),
     Rotate(&'a str, &'a str),
+    Records(&'a str, &'a str, Op),
     #[cfg(feature = "test-clock")]
     TestClock,
 }
@@ -44,6 +46,13 @@ impl Route<'_> {
             ["", "v1", "keys", env, country] => Route::Key(env, country),
             ["", "v1", "keys", env, country, "secrets"] => Route::Secrets(env, country),
             ["", "v1", "keys", env, country, "rotate"] => Route::Rotate(env, country),
+            ["", "v1", "keys", env, country, "encrypt"] => {
+                Route::Records(env, country, Op::Encrypt)
+            }
+            ["", "v1", "keys", env, country, "decrypt"] => {
+                Route::Records(env, country, Op::Decrypt)
+            }
+            ["", "v1", "keys", env, country, "rewrap"] => Route::Records(env, country, Op::Rewrap),
             #[cfg(feature = "test-clock")]
             ["", "v1", "test", "clock"] => Route::TestClock,
             _ => return None,
@@ -54,7 +63,7 @@ impl Route<'_> {
         match self {
             Route::Health | Route::Keys | Route::Secrets(..) => "GET",
             Route::Key(..) => "GET, POST, PATCH",
-            Route::Rotate(..) => "POST",
+            Route::Rotate(..) | Route::Records(..) => "POST",
             #[cfg(feature = "test-clock")]
             Route::TestClock => "POST",
         }
@@ -115,7 +124,10 @@ async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Resp
         (Route::Keys, _) => Ok(list(app)),
         (Route::Key(env, country), Method::GET) => {
             let key = app.keyring.key(&KeyId::parse(env, country)?)?;
-            Ok(response::json(StatusCode::OK, &key_document(&key)))
+            Ok(response::json(
+                StatusCode::OK,
+                &key_document(&key, app.keyring.records()),
+            ))
         }
         (Route::Key(env, country), Method::POST) => {
             let id = KeyId::parse(env, country)?;
@@ -128,6 +140,11 @@ async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Resp
         (Route::Rotate(env, country), _) => {
             let id = KeyId::parse(env, country)?;
             rotate(app, peer, id, req).await
+        }
+        (Route::Records(env, country, op), _) => {
+            let id = KeyId::parse(env, country)?;
+            let body = read_json(app, req).await?;
+            records::handle(app, id, op, body).await
         }
         (Route::Secrets(env, country), _) => {
             let id = KeyId::parse(env, country)?;
@@ -197,7 +214,7 @@ fn list(app: &App) -> Response<Body> {
     response::json(StatusCode::OK, &json!({ "keys": keys }))
 }
 
-fn key_document(k: &KeyState) -> serde_json::Value {
+fn key_document(k: &KeyState, counters: &RecordCounters) -> serde_json::Value {
     let versions: Vec<_> = k
         .versions
         .iter()
@@ -212,6 +229,12 @@ fn key_document(k: &KeyState) -> serde_json::Value {
                 "created": rfc3339(v.created),
                 "status": k.status(v),
             });
+            // Records through the daemon since start, per version (not in the snapshot).
+            let c = counters.get(&k.id, v.version);
+            doc["records_encrypted"] = json!(c.records_encrypted);
+            doc["records_rewrapped"] = json!(c.records_rewrapped);
+            doc["records_decrypted"] = json!(c.records_decrypted);
+            doc["records_rewrapped_away"] = json!(c.records_rewrapped_away);
             if let crate::keyring::Material::Unavailable(why) = &v.material {
                 doc["error"] = json!(why);
             }
@@ -364,7 +387,10 @@ async fn settings(
         .await?;
     tracing::info!(uid = peer.uid, pid = peer.pid, action = "settings", env = %id.env, country = %id.country, rotation_period_days = days, "key settings changed");
     let key = app.keyring.key(&id)?;
-    Ok(response::json(StatusCode::OK, &key_document(&key)))
+    Ok(response::json(
+        StatusCode::OK,
+        &key_document(&key, app.keyring.records()),
+    ))
 }
 
 /// The secrets document, with ETag; `If-None-Match` + `?wait=S` holds the request until the
