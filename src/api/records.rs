@@ -18,6 +18,18 @@ use crate::keyring::{Count, DataKey, KeyId, KeyState};
 /// Most items in one `{"batch": [...]}`.
 pub const MAX_BATCH: usize = 1000;
 
+/// JSON around the longest ciphertext in a decrypt or rewrap request: a batch of one,
+/// `{"batch":[{"ciphertext":"…","version":4294967295}]}`.
+const CIPHERTEXT_ENVELOPE: usize = 50;
+
+/// The largest plaintext (bytes of UTF-8) whose record still fits a decrypt or rewrap
+/// request (single or a batch of one) under `max_body`: what the daemon encrypts, it can
+/// always decrypt and rewrap. With the default 1 MiB this is 786,301 bytes.
+pub fn max_plaintext(max_body: usize) -> usize {
+    let b64_chars = max_body.saturating_sub(CIPHERTEXT_ENVELOPE + crypto::SDK_PREFIX.len());
+    (b64_chars / 4 * 3).saturating_sub(crypto::OVERHEAD)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Encrypt,
@@ -52,6 +64,7 @@ type Tally = HashMap<(u32, Count), u64>;
 
 pub async fn handle(app: &App, id: KeyId, op: Op, body: Option<Value>) -> Result<Response<Body>> {
     let key = app.keyring.key(&id)?;
+    let limit = max_plaintext(app.config.load().server.max_body);
     if let Some(p) = &key.problem {
         return Err(Error::unavailable("root_key_missing", p));
     }
@@ -91,7 +104,7 @@ pub async fn handle(app: &App, id: KeyId, op: Op, body: Option<Value>) -> Result
         }
         let worker_key = key.clone();
         let (results, tally) =
-            tokio::task::spawn_blocking(move || run_batch(&worker_key, op, items))
+            tokio::task::spawn_blocking(move || run_batch(&worker_key, op, items, limit))
                 .await
                 .map_err(|e| Error::internal(format!("record worker: {e}")))?;
         count(app, &key.id, tally);
@@ -106,7 +119,7 @@ pub async fn handle(app: &App, id: KeyId, op: Op, body: Option<Value>) -> Result
         ))
     } else {
         let mut tally = Tally::new();
-        let result = run_one(&key, op, Value::Object(body), &mut tally);
+        let result = run_one(&key, op, Value::Object(body), limit, &mut tally);
         count(app, &key.id, tally);
         Ok(response::json(StatusCode::OK, &result?))
     }
@@ -118,11 +131,11 @@ fn count(app: &App, id: &KeyId, tally: Tally) {
     }
 }
 
-fn run_batch(key: &KeyState, op: Op, items: Vec<Value>) -> (Vec<Value>, Tally) {
+fn run_batch(key: &KeyState, op: Op, items: Vec<Value>, limit: usize) -> (Vec<Value>, Tally) {
     let mut tally = Tally::new();
     let results = items
         .into_iter()
-        .map(|item| match run_one(key, op, item, &mut tally) {
+        .map(|item| match run_one(key, op, item, limit, &mut tally) {
             Ok(v) => v,
             Err(e) => json!({"error": {
                 "code": e.code(),
@@ -134,10 +147,18 @@ fn run_batch(key: &KeyState, op: Op, items: Vec<Value>) -> (Vec<Value>, Tally) {
     (results, tally)
 }
 
-fn run_one(key: &KeyState, op: Op, item: Value, tally: &mut Tally) -> Result<Value> {
+/// One item; `limit` is the largest plaintext to encrypt (see [`max_plaintext`]).
+fn run_one(key: &KeyState, op: Op, item: Value, limit: usize, tally: &mut Tally) -> Result<Value> {
     match op {
         Op::Encrypt => {
             let item: EncryptItem = parse(op, item)?;
+            if item.plaintext.len() > limit {
+                return Err(Error::TooLarge {
+                    message: format!(
+                        "a record holds at most {limit} bytes of plaintext (so that its ciphertext fits a decrypt request under server.max_body)"
+                    ),
+                });
+            }
             let (version, data_key) = active(key)?;
             let ciphertext = crypto::encrypt(data_key.expose(), item.plaintext.as_bytes())?;
             *tally.entry((version, Count::Encrypted)).or_default() += 1;
@@ -241,5 +262,24 @@ fn open(key: &KeyState, item: &CipherItem) -> Result<(zeroize::Zeroizing<Vec<u8>
             })?;
             Ok((crypto::decrypt(dk.expose(), &item.ciphertext)?, Some(n)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn largest_record_fits_a_batch_of_one() {
+        let max_body = 1024 * 1024;
+        let n = max_plaintext(max_body);
+        assert_eq!(n, 786_301);
+        let ct = crypto::encrypt(&[3u8; 32], &vec![b'a'; n]).unwrap();
+        let request = json!({"batch": [{"ciphertext": ct, "version": u32::MAX}]}).to_string();
+        assert!(request.len() <= max_body, "{}", request.len());
+        let ct = crypto::encrypt(&[3u8; 32], &vec![b'a'; n + 3]).unwrap();
+        let request = json!({"batch": [{"ciphertext": ct, "version": u32::MAX}]}).to_string();
+        assert!(request.len() > max_body);
+        assert_eq!(max_plaintext(10), 0);
     }
 }
