@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod error;
 pub mod hsm;
 pub mod keyring;
+pub mod rewrap;
 pub mod store;
 pub mod systemd;
 pub mod verify;
