@@ -16,10 +16,10 @@ const STARTS: usize = 5;
 const REQUESTS: usize = 2000;
 
 const COUNTRIES: [&str; KEYS] = [
-    "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX",
-    "AZ", "BA", "BB", "BD", "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ",
-    "BR", "BS", "BT", "BV", "BW", "BY", "BZ", "CA", "CC", "CD", "CF", "CG", "CH", "CI", "CK",
-    "CL", "CM", "CN", "CO", "CR",
+    "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX", "AZ",
+    "BA", "BB", "BD", "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ", "BR", "BS",
+    "BT", "BV", "BW", "BY", "BZ", "CA", "CC", "CD", "CF", "CG", "CH", "CI", "CK", "CL", "CM", "CN",
+    "CO", "CR",
 ];
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -47,7 +47,9 @@ fn time_start(d: &mut Daemon) -> Duration {
         std::thread::sleep(Duration::from_millis(1));
     }
     let took = t.elapsed();
-    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
     let _ = child.wait();
     took
 }
@@ -78,7 +80,11 @@ fn daemon() -> Daemon {
         ..Options::default()
     });
     let cfg = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(&d.config, cfg.replace("level = \"debug\"", "level = \"warn\"")).unwrap();
+    std::fs::write(
+        &d.config,
+        cfg.replace("level = \"debug\"", "level = \"warn\""),
+    )
+    .unwrap();
     d.launch()
 }
 
@@ -105,7 +111,10 @@ fn main() {
     let show = latencies(&d, &format!("/v1/keys/bench/{}", COUNTRIES[7]));
 
     println!("start-up to ready, median of {STARTS}:");
-    println!("  empty state             {:>8.1} ms (baseline)", empty_start.as_secs_f64() * 1e3);
+    println!(
+        "  empty state             {:>8.1} ms (baseline)",
+        empty_start.as_secs_f64() * 1e3
+    );
     println!(
         "  {KEYS} keys x {VERSIONS} versions   {:>8.1} ms  ratio {:.2}",
         loaded_start.as_secs_f64() * 1e3,
@@ -118,7 +127,8 @@ fn main() {
             median(v.clone()).as_secs_f64() * 1e6,
             percentile(v.clone(), 0.99).as_secs_f64() * 1e6,
             median(v.clone()).as_secs_f64() / median(base.clone()).as_secs_f64(),
-            percentile(v.clone(), 0.99).as_secs_f64() / percentile(base.clone(), 0.99).as_secs_f64(),
+            percentile(v.clone(), 0.99).as_secs_f64()
+                / percentile(base.clone(), 0.99).as_secs_f64(),
         )
     };
     row("404 (baseline)", &base);

@@ -62,6 +62,32 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Encrypt stdin as one record (InCountry SDK format) with the key's active version;
+    /// prints the record on stdout and its version on stderr (--json: both on stdout).
+    Encrypt { env: String, country: String },
+    /// Decrypt one record read from stdin; prints the plaintext on stdout.
+    Decrypt {
+        env: String,
+        country: String,
+        /// The key version beside the record (not needed for "pt:" records).
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Rewrap a JSONL file of SDK records (`body`, `version`, other fields passed through)
+    /// to the active version. Exit status 2 when some records failed (they are written
+    /// back unchanged).
+    Rewrap {
+        env: String,
+        country: String,
+        #[arg(long)]
+        input: PathBuf,
+        /// Written atomically (a temporary file renamed over it); may be the input.
+        #[arg(long)]
+        output: PathBuf,
+        /// Record strings per request (1 to 1000).
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -233,6 +259,38 @@ async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Resu
             country,
             watch,
         } => secrets(&client, &env, &country, watch).await,
+        Cmd::Encrypt { env, country } => encrypt(&client, &env, &country, as_json).await,
+        Cmd::Decrypt {
+            env,
+            country,
+            version,
+        } => decrypt(&client, &env, &country, version).await,
+        Cmd::Rewrap {
+            env,
+            country,
+            input,
+            output,
+            batch_size,
+        } => {
+            let opts = crate::rewrap::Options {
+                env,
+                country,
+                input,
+                output,
+                batch_size,
+            };
+            let summary = crate::rewrap::run(&client, opts).await?;
+            if as_json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print!("{summary}");
+            }
+            Ok(if summary.failed > 0 {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Cmd::Serve
         | Cmd::CheckConfig
         | Cmd::Audit { .. }
@@ -242,6 +300,50 @@ async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Resu
             unreachable!("handled before connecting")
         }
     }
+}
+
+async fn encrypt(
+    client: &Client,
+    env: &str,
+    country: &str,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut plaintext = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut plaintext)
+        .map_err(|_| anyhow::anyhow!("cannot read stdin as UTF-8 text (SDK records hold text)"))?;
+    let body = json!({ "plaintext": plaintext }).to_string().into_bytes();
+    drop(plaintext);
+    let path = format!("{}/encrypt", key_path(env, country));
+    let doc = ok(client.request(Method::POST, &path, &[], Some(body)).await?)?.json()?;
+    if as_json {
+        println!("{doc}");
+    } else {
+        println!("{}", text(&doc["ciphertext"]));
+        eprintln!(
+            "incountry-keyd: encrypted with {env}/{country} version {}",
+            text(&doc["version"])
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn decrypt(
+    client: &Client,
+    env: &str,
+    country: &str,
+    version: Option<u32>,
+) -> anyhow::Result<ExitCode> {
+    let mut record = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut record)?;
+    let body = json!({ "ciphertext": record.trim(), "version": version })
+        .to_string()
+        .into_bytes();
+    let path = format!("{}/decrypt", key_path(env, country));
+    let doc = ok(client.request(Method::POST, &path, &[], Some(body)).await?)?.json()?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(doc["plaintext"].as_str().unwrap_or("").as_bytes())?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn keys(client: &Client, cmd: KeysCmd, as_json: bool) -> anyhow::Result<ExitCode> {

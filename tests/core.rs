@@ -113,7 +113,10 @@ fn create_show_rotate_restart_and_sdk_interop() {
 
     assert_no_key_in(&d.log_text(), &secrets_of(&doc3));
     let pin = std::fs::read_to_string(d.token.pin_file()).unwrap();
-    assert!(!d.log_text().contains(pin.trim()), "the PIN appears in the log");
+    assert!(
+        !d.log_text().contains(pin.trim()),
+        "the PIN appears in the log"
+    );
     let db = std::fs::read(d.state_db()).unwrap();
     for k in secrets_of(&doc3) {
         let raw = base64_decode(&k);
@@ -553,7 +556,11 @@ fn check_config_validates_without_starting() {
             .unwrap()
     };
     let out = run(&d.config);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!d.socket.exists(), "check-config must not start the daemon");
 
     let text = std::fs::read_to_string(&d.config).unwrap();
@@ -566,5 +573,8 @@ fn check_config_validates_without_starting() {
     std::fs::set_permissions(d.token.pin_file(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = run(&d.config);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("hsm-pin") || String::from_utf8_lossy(&out.stderr).contains("user-pin"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hsm-pin")
+            || String::from_utf8_lossy(&out.stderr).contains("user-pin")
+    );
 }

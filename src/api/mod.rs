@@ -2,6 +2,7 @@
 //! request is routed in `routes`, and errors become statuses in `response`.
 
 mod peer;
+mod records;
 pub mod response;
 mod routes;
 

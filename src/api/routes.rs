@@ -14,12 +14,13 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::peer::{Peer, Role};
+use super::records::{self, Op};
 use super::response::{self, Body};
 use crate::audit::Actor;
 use crate::clock::rfc3339;
 use crate::daemon::App;
 use crate::error::{Error, Result};
-use crate::keyring::{check_period, KeyId, KeySource, KeyState, NewVersion};
+use crate::keyring::{check_period, KeyId, KeySource, KeyState, NewVersion, RecordCounters};
 use crate::store::{Origin, VersionType};
 
 /// Header carrying the verification code of admin requests.
@@ -36,6 +37,7 @@ enum Route<'a> {
     Metrics,
     TotpEnroll,
     TotpConfirm,
+    Records(&'a str, &'a str, Op),
     #[cfg(feature = "test-clock")]
     TestClock,
 }
@@ -53,6 +55,13 @@ impl Route<'_> {
             ["", "v1", "admin", "totp", "enroll"] => Route::TotpEnroll,
             ["", "v1", "admin", "totp", "confirm"] => Route::TotpConfirm,
             ["", "metrics"] => Route::Metrics,
+            ["", "v1", "keys", env, country, "encrypt"] => {
+                Route::Records(env, country, Op::Encrypt)
+            }
+            ["", "v1", "keys", env, country, "decrypt"] => {
+                Route::Records(env, country, Op::Decrypt)
+            }
+            ["", "v1", "keys", env, country, "rewrap"] => Route::Records(env, country, Op::Rewrap),
             #[cfg(feature = "test-clock")]
             ["", "v1", "test", "clock"] => Route::TestClock,
             _ => return None,
@@ -71,6 +80,7 @@ impl Route<'_> {
             Route::Metrics => "metrics",
             Route::TotpEnroll => "totp_enroll",
             Route::TotpConfirm => "totp_confirm",
+            Route::Records(_, _, op) => op.name(),
             #[cfg(feature = "test-clock")]
             Route::TestClock => "test_clock",
         }
@@ -82,7 +92,9 @@ impl Route<'_> {
                 "GET"
             }
             Route::Key(..) => "GET, POST, PATCH",
-            Route::Rotate(..) | Route::TotpEnroll | Route::TotpConfirm => "POST",
+            Route::Rotate(..) | Route::TotpEnroll | Route::TotpConfirm | Route::Records(..) => {
+                "POST"
+            }
             #[cfg(feature = "test-clock")]
             Route::TestClock => "POST",
         }
@@ -149,7 +161,10 @@ async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Resp
         (Route::Keys, _) => Ok(list(app)),
         (Route::Key(env, country), Method::GET) => {
             let key = app.keyring.key(&KeyId::parse(env, country)?)?;
-            Ok(response::json(StatusCode::OK, &key_document(&key)))
+            Ok(response::json(
+                StatusCode::OK,
+                &key_document(&key, app.keyring.records()),
+            ))
         }
         (Route::Key(env, country), Method::POST) => {
             admin(app, peer, AdminAction::Create, env, country, req).await
@@ -174,6 +189,11 @@ async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Resp
                 ),
             );
             Ok(resp)
+        }
+        (Route::Records(env, country, op), _) => {
+            let id = KeyId::parse(env, country)?;
+            let body = read_json(app, req).await?;
+            records::handle(app, id, op, body).await
         }
         (Route::Secrets(env, country), _) => {
             let id = KeyId::parse(env, country)?;
@@ -248,7 +268,7 @@ fn list(app: &App) -> Response<Body> {
     response::json(StatusCode::OK, &json!({ "keys": keys }))
 }
 
-fn key_document(k: &KeyState) -> serde_json::Value {
+fn key_document(k: &KeyState, counters: &RecordCounters) -> serde_json::Value {
     let versions: Vec<_> = k
         .versions
         .iter()
@@ -263,6 +283,12 @@ fn key_document(k: &KeyState) -> serde_json::Value {
                 "created": rfc3339(v.created),
                 "status": k.status(v),
             });
+            // Records through the daemon since start, per version (not in the snapshot).
+            let c = counters.get(&k.id, v.version);
+            doc["records_encrypted"] = json!(c.records_encrypted);
+            doc["records_rewrapped"] = json!(c.records_rewrapped);
+            doc["records_decrypted"] = json!(c.records_decrypted);
+            doc["records_rewrapped_away"] = json!(c.records_rewrapped_away);
             if let crate::keyring::Material::Unavailable(why) = &v.material {
                 doc["error"] = json!(why);
             }
@@ -468,7 +494,10 @@ async fn settings(
         .await?;
     tracing::info!(uid = peer.uid, pid = peer.pid, action = "settings", env = %id.env, country = %id.country, rotation_period_days = days, "key settings changed");
     let key = app.keyring.key(&id)?;
-    Ok(response::json(StatusCode::OK, &key_document(&key)))
+    Ok(response::json(
+        StatusCode::OK,
+        &key_document(&key, app.keyring.records()),
+    ))
 }
 
 /// TOTP enrollment of the calling admin: `enroll` makes a pending secret, `confirm` activates

@@ -2,10 +2,12 @@
 //! operations that add versions or change settings (HSM first, then one state transaction,
 //! then a new snapshot). Readers never wait for writers.
 
+mod counters;
 mod id;
 mod secret;
 mod state;
 
+pub use counters::{Count, CounterValues, RecordCounters};
 pub use id::KeyId;
 pub use secret::{harden_process, DataKey, DATA_KEY_LEN};
 pub use state::{KeyState, Material, Snapshot, VersionState};
@@ -102,6 +104,8 @@ pub struct Keyring {
     // Serializes writers (admin requests, timers): version numbers are picked under it.
     writer: tokio::sync::Mutex<()>,
     changes: tokio::sync::watch::Sender<u64>,
+    // Records encrypted, decrypted and rewrapped per version since start.
+    records: RecordCounters,
 }
 
 impl Keyring {
@@ -128,6 +132,7 @@ impl Keyring {
             clock,
             writer: tokio::sync::Mutex::new(()),
             changes,
+            records: RecordCounters::default(),
         })
     }
 
@@ -155,6 +160,11 @@ impl Keyring {
 
     pub fn clock(&self) -> &SharedClock {
         &self.clock
+    }
+
+    /// Per-version record counters (outside the snapshot: counting never republishes).
+    pub fn records(&self) -> &RecordCounters {
+        &self.records
     }
 
     /// Creates a key (version 1) or adds a version to an existing one.
