@@ -168,7 +168,13 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("incountry-keyd: error: {e:#}");
+            // `<3>`: journald files the line at priority "err".
+            let prefix = if crate::systemd::stderr_is_journal() {
+                "<3>"
+            } else {
+                ""
+            };
+            eprintln!("{prefix}incountry-keyd: error: {e:#}");
             ExitCode::FAILURE
         }
     }

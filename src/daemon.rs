@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
@@ -45,19 +46,65 @@ impl App {
 
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
-/// Logs to stderr, one line per event, with colours only on a terminal (journald shows
-/// levels from the priority, and fields stay as key=value).
+/// Logs to stderr, one line per event with level and key=value fields, colours only on a
+/// terminal. When stderr is the journal (JOURNAL_STREAM), each line starts with a `<N>`
+/// syslog priority, so journald keeps the level, and the timestamp (journald has its own) is
+/// left out.
 pub fn init_logging(level: &str) -> LogHandle {
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
-    tracing_subscriber::registry().with(filter).with(fmt).init();
+    let journal = systemd::stderr_is_journal();
+    let plain = (!journal).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+    });
+    let prefixed = journal.then(|| {
+        let format = tracing_subscriber::fmt::format()
+            .with_target(false)
+            .with_ansi(false)
+            .without_time();
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .event_format(JournalPriority(format))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(plain)
+        .with(prefixed)
+        .init();
     handle
+}
+
+/// Prefixes each event with its syslog priority (`<3>` error … `<7>` debug), which journald
+/// reads from a service's stderr (SyslogLevelPrefix=, on by default).
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// Reads the HSM user PIN from its file; refuses a file others can read.
@@ -98,17 +145,41 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     let log = init_logging(&config.log.level);
     harden_process();
-    if config.verification.mode == VerificationMode::Off {
-        tracing::warn!("verification.mode = \"off\": admin changes need no verification code (development only)");
-    }
-    let hsm = open_hsm(&config)?;
-    let store = Arc::new(Store::open(&config.state.dir)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyd-rt")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(config_path, config, log, hsm, store))
+    // Take the signals first: a SIGHUP or SIGTERM while the HSM opens and the keys load must
+    // not kill the process with the default action. They are acted on once serving.
+    let signals = {
+        let _rt = runtime.enter();
+        Signals::new()?
+    };
+    if config.verification.mode == VerificationMode::Off {
+        tracing::warn!("verification.mode = \"off\": admin changes need no verification code (development only)");
+    }
+    systemd::status("opening the HSM");
+    let hsm = open_hsm(&config)?;
+    let store = Arc::new(Store::open(&config.state.dir)?);
+    runtime.block_on(run(config_path, config, log, hsm, store, signals))
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        let take = |kind: SignalKind| signal(kind).context("cannot install a signal handler");
+        Ok(Signals {
+            term: take(SignalKind::terminate())?,
+            int: take(SignalKind::interrupt())?,
+            hup: take(SignalKind::hangup())?,
+        })
+    }
 }
 
 async fn run(
@@ -117,8 +188,10 @@ async fn run(
     log: LogHandle,
     hsm: HsmWorker,
     store: Arc<Store>,
+    mut signals: Signals,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    systemd::status("loading keys");
     let clock = default_clock();
     let verifier = Verifier::new(
         config.verification.mode,
@@ -127,8 +200,10 @@ async fn run(
         clock.clone(),
     );
     let keyring = Keyring::load(store, hsm, clock).await?;
-    let (listener, activated) =
-        systemd::listener(&config.server.socket, config.server.socket_mode)?;
+    let (listener, origin) = systemd::listener(&config.server.socket, config.server.socket_mode)?;
+    if matches!(origin, systemd::Origin::Activated(_)) {
+        tracing::debug!("socket from systemd: server.socket and server.socket_mode are not used");
+    }
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let access = config.access_policy()?;
     let app = Arc::new(App {
@@ -143,26 +218,27 @@ async fn run(
     });
     let summary = status_line(&app);
     tracing::info!(
-        socket = %app.config.load().server.socket.display(),
-        socket_activated = activated,
+        socket = %origin,
         startup_ms = started.elapsed().as_millis() as u64,
         "ready: {summary}"
     );
+    // The HSM is open, the keys are loaded and the socket is listening (connections queue
+    // in the kernel until the accept loop below takes them).
     systemd::ready(&summary);
-    systemd::spawn_watchdog();
+    if let Some(interval) = systemd::watchdog_interval() {
+        spawn_watchdog(app.clone(), interval);
+    }
+    spawn_status(app.clone());
     tokio::spawn(crate::rotation::run(app.clone()));
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let shutdown = {
         let app = app.clone();
         async move {
             loop {
                 tokio::select! {
-                    _ = term.recv() => break,
-                    _ = int.recv() => break,
-                    _ = hup.recv() => reload(&app, &config_path, &log),
+                    _ = signals.term.recv() => break,
+                    _ = signals.int.recv() => break,
+                    _ = signals.hup.recv() => on_hangup(&app, &config_path, &log).await,
                 }
             }
             tracing::info!("stopping: draining in-flight requests");
@@ -173,6 +249,70 @@ async fn run(
     api::serve(app, listener, shutdown).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: RELOADING=1, reload off the runtime (resolving names may block on NSS; the
+/// accept loop keeps serving meanwhile), then READY=1 with a status that says whether the
+/// reload took.
+async fn on_hangup(app: &Arc<App>, path: &Path, log: &LogHandle) {
+    systemd::reloading();
+    let (a, p, l) = (app.clone(), path.to_path_buf(), log.clone());
+    let outcome = tokio::task::spawn_blocking(move || reload(&a, &p, &l))
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("reload task failed: {e}")));
+    let status = match outcome {
+        Ok(()) => status_line(app),
+        Err(e) => {
+            tracing::error!("reload refused, keeping the running configuration: {e:#}");
+            format!(
+                "{}; last reload failed, running configuration kept",
+                status_line(app)
+            )
+        }
+    };
+    systemd::ready(&status);
+}
+
+/// WATCHDOG=1 at half the interval, sent from a task on the async runtime and only while the
+/// HSM worker thread answers a ping: a wedged runtime or a hung PKCS#11 call stops the pings,
+/// and systemd restarts the daemon. (An HSM that answers with an error is degraded, not hung.)
+fn spawn_watchdog(app: Arc<App>, interval: Duration) {
+    let period = (interval / 2).max(Duration::from_millis(10));
+    tracing::debug!(
+        interval_ms = interval.as_millis() as u64,
+        "watchdog enabled"
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ping = app.keyring.hsm().call(|h| h.ping());
+            if tokio::time::timeout(period / 2, ping).await.is_ok() {
+                systemd::watchdog();
+            } else {
+                tracing::warn!(
+                    "HSM worker did not answer within {} ms: withholding the watchdog ping",
+                    (period / 2).as_millis()
+                );
+            }
+        }
+    });
+}
+
+/// Keeps STATUS= current when keys change (create, rotate, settings).
+fn spawn_status(app: Arc<App>) {
+    let mut changes = app.keyring.subscribe();
+    tokio::spawn(async move {
+        let mut last = status_line(&app);
+        while changes.changed().await.is_ok() {
+            let now = status_line(&app);
+            if now != last {
+                systemd::status(&now);
+                last = now;
+            }
+        }
+    });
 }
 
 fn status_line(app: &App) -> String {
@@ -194,30 +334,34 @@ fn status_line(app: &App) -> String {
     s
 }
 
-/// SIGHUP: re-read the config; apply access lists, limits and log level. A bad config is
-/// logged and the running one stays. Settings that need a restart (socket, HSM, state) are
-/// reported, not applied.
-fn reload(app: &App, path: &Path, log: &LogHandle) {
-    systemd::reloading();
-    match Config::load(path).and_then(|c| c.access_policy().map(|a| (c, a))) {
-        Ok((new, access)) => {
-            let old = app.config.load();
-            if new.server.socket != old.server.socket
-                || new.hsm.module != old.hsm.module
-                || new.hsm.token_label != old.hsm.token_label
-                || new.state.dir != old.state.dir
-                || new.verification.mode != old.verification.mode
-            {
-                tracing::warn!("reload: server.socket, hsm.*, state.dir and verification.mode take effect only after a restart");
-            }
-            if let Err(e) = log.modify(|f| *f = EnvFilter::new(&new.log.level)) {
-                tracing::warn!(error = %e, "reload: cannot change log level");
-            }
-            app.access.store(Arc::new(access));
-            app.config.store(Arc::new(new));
-            tracing::info!("configuration reloaded");
-        }
-        Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+/// SIGHUP: re-read the config; apply access lists (for new connections), limits and log
+/// level. An error leaves the running config in place. Settings that need a restart (socket,
+/// HSM, state) are reported, not applied.
+fn reload(app: &App, path: &Path, log: &LogHandle) -> anyhow::Result<()> {
+    let new = Config::load(path)?;
+    let access = new.access_policy()?;
+    let filter = EnvFilter::try_new(&new.log.level)
+        .with_context(|| format!("log.level `{}`", new.log.level))?;
+    let old = app.config.load();
+    if new.server.socket != old.server.socket
+        || new.server.socket_mode != old.server.socket_mode
+        || new.hsm.module != old.hsm.module
+        || new.hsm.token_label != old.hsm.token_label
+        || new.hsm.pin_file != old.hsm.pin_file
+        || new.state.dir != old.state.dir
+        || new.verification.mode != old.verification.mode
+    {
+        tracing::warn!("reload: server.socket, server.socket_mode, hsm.*, state.dir and verification.mode take effect only after a restart");
     }
-    systemd::ready(&status_line(app));
+    if let Err(e) = log.modify(|f| *f = filter) {
+        tracing::warn!(error = %e, "reload: cannot change the log level");
+    }
+    app.access.store(Arc::new(access));
+    app.config.store(Arc::new(new));
+    tracing::info!(
+        readers = app.config.load().access.readers.len(),
+        admins = app.config.load().access.admins.len(),
+        "configuration reloaded"
+    );
+    Ok(())
 }

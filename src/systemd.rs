@@ -1,28 +1,86 @@
 //! systemd integration: the listening socket (socket activation or our own bind), readiness
-//! and status notifications, and the watchdog. Every call is a no-op outside systemd.
+//! and status notifications, the watchdog interval, and whether stderr goes to the journal.
+//! Every notification is a no-op outside systemd (no NOTIFY_SOCKET).
 
 use std::fs;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage};
 use sd_notify::NotifyState;
+
+/// Where the listening socket came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Passed by systemd (LISTEN_FDS); the path it is bound to, when it has one.
+    Activated(Option<PathBuf>),
+    /// Bound by the daemon at this path.
+    Bound(PathBuf),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Activated(Some(p)) => write!(f, "{} (from systemd)", p.display()),
+            Origin::Activated(None) => f.write_str("socket from systemd"),
+            Origin::Bound(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
 
 /// The socket systemd passed (LISTEN_FDS), else one bound at `path` with `mode`. A stale
 /// socket file left by a crash is replaced; a live one (another daemon answers) is not.
 pub fn listener(
     path: &Path,
     mode: u32,
-) -> anyhow::Result<(std::os::unix::net::UnixListener, bool)> {
+) -> anyhow::Result<(std::os::unix::net::UnixListener, Origin)> {
     let mut fds = sd_notify::listen_fds().context("LISTEN_FDS")?;
-    if let Some(fd) = fds.next() {
-        // SAFETY: systemd hands us this descriptor to own; nothing else in the process uses it.
-        let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
-        listener.set_nonblocking(true)?;
-        return Ok((listener, true));
+    if fds.len() > 1 {
+        bail!(
+            "systemd passed {} sockets (LISTEN_FDS); incountry-keyd listens on exactly one: \
+             keep a single ListenStream= in incountry-keyd.socket",
+            fds.len()
+        );
     }
+    if let Some(fd) = fds.next() {
+        // SAFETY: systemd hands us this descriptor (LISTEN_PID is ours) to own; nothing else
+        // in the process uses it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        return activated(fd);
+    }
+    bind(path, mode).map(|l| (l, Origin::Bound(path.to_path_buf())))
+}
+
+/// Checks that a passed descriptor is a listening Unix stream socket, so peer credentials
+/// work and accept() answers.
+fn activated(fd: OwnedFd) -> anyhow::Result<(std::os::unix::net::UnixListener, Origin)> {
+    let kind = getsockopt(&fd.as_fd(), sockopt::SockType)
+        .context("the descriptor systemd passed is not a socket")?;
+    let addr: SockaddrStorage =
+        getsockname(fd.as_raw_fd()).context("cannot read the address of the passed socket")?;
+    let Some(unix) = addr.as_unix_addr() else {
+        bail!(
+            "systemd passed a {:?} socket; incountry-keyd needs a Unix stream socket \
+             (ListenStream=/path)",
+            addr.family()
+        );
+    };
+    if kind != SockType::Stream {
+        bail!("systemd passed a {kind:?} socket; incountry-keyd needs ListenStream=, not ListenDatagram= or ListenSequentialPacket=");
+    }
+    if !getsockopt(&fd.as_fd(), sockopt::AcceptConn).unwrap_or(false) {
+        bail!("the socket systemd passed is not listening");
+    }
+    let path = unix.path().map(Path::to_path_buf);
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true)?;
+    Ok((listener, Origin::Activated(path)))
+}
+
+fn bind(path: &Path, mode: u32) -> anyhow::Result<std::os::unix::net::UnixListener> {
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             bail!(
@@ -47,7 +105,7 @@ pub fn listener(
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set mode of {}", path.display()))?;
     listener.set_nonblocking(true)?;
-    Ok((listener, false))
+    Ok(listener)
 }
 
 fn notify(states: &[NotifyState]) {
@@ -56,37 +114,60 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
+/// READY=1 with a STATUS= summary: at start, and at the end of every reload.
 pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// STATUS= alone (shown by `systemctl status`).
 pub fn status(status: &str) {
     notify(&[NotifyState::Status(status)]);
 }
 
+/// RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC now), as systemd expects of a reload.
 pub fn reloading() {
+    let mut states = vec![
+        NotifyState::Reloading,
+        NotifyState::Status("reloading configuration"),
+    ];
     match NotifyState::monotonic_usec_now() {
-        Ok(now) => notify(&[NotifyState::Reloading, now]),
-        Err(_) => notify(&[NotifyState::Reloading]),
+        Ok(now) => states.push(now),
+        Err(e) => tracing::warn!(error = %e, "cannot read CLOCK_MONOTONIC for MONOTONIC_USEC"),
     }
+    notify(&states);
 }
 
 pub fn stopping() {
-    notify(&[NotifyState::Stopping]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: draining in-flight requests"),
+    ]);
 }
 
-/// Pings the watchdog at half its interval from a task on the runtime: if the runtime
-/// wedges, the pings stop and systemd restarts the daemon.
-pub fn spawn_watchdog() {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
-        return;
+pub fn watchdog() {
+    notify(&[NotifyState::Watchdog]);
+}
+
+/// The watchdog interval systemd asks for (WATCHDOG_USEC, for this pid), if any. Zero means
+/// none.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
+}
+
+/// Whether stderr is connected to the journal (JOURNAL_STREAM names its device and inode):
+/// then log lines carry a `<N>` syslog priority prefix and no timestamp.
+pub fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
     };
-    let period = (interval / 2).max(Duration::from_millis(10));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tick.tick().await;
-            notify(&[NotifyState::Watchdog]);
-        }
-    });
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
+        Err(_) => false,
+    }
 }

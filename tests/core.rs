@@ -157,23 +157,6 @@ fn daily_limit_default_and_relaxed() {
     assert_eq!(d.get("/v1/keys/prod/FR").json()["active_version"], 4);
 }
 
-/// Runs the CLI as uid/gid 65534 (nobody), from a copy of the binary it can execute.
-fn cli_as_nobody(d: &Daemon, args: &[&str]) -> std::process::Output {
-    let bin = d.tmp.path().join("keyd-cli");
-    if !bin.exists() {
-        std::fs::copy(BIN, &bin).unwrap();
-    }
-    Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&bin)
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("--json")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn access_by_peer_credentials() {
     let extra = "";
@@ -183,14 +166,8 @@ fn access_by_peer_credentials() {
             extra: extra.into(),
             ..Options::default()
         });
-        std::fs::set_permissions(d.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         // Let the other uid reach the socket; access is then decided by peer credentials.
-        let cfg = std::fs::read_to_string(&d.config).unwrap();
-        std::fs::write(
-            &d.config,
-            cfg.replace("[server]\n", "[server]\nsocket_mode = \"0666\"\n"),
-        )
-        .unwrap();
+        d.open_to_others();
         d.launch()
     };
 

@@ -2,8 +2,9 @@
 //! waits for readiness by polling the socket, and talks HTTP to it.
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -161,6 +162,8 @@ pub struct Daemon {
     pub config: PathBuf,
     pub log: PathBuf,
     pub clock_offset: i64,
+    /// Extra environment for the daemon (NOTIFY_SOCKET, CREDENTIALS_DIRECTORY, ...).
+    pub env: Vec<(String, OsString)>,
     child: Option<Child>,
 }
 
@@ -212,6 +215,7 @@ impl Daemon {
             config,
             log,
             clock_offset: opts.clock_offset,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -228,12 +232,25 @@ impl Daemon {
             )
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
-            .env_remove("CREDENTIALS_DIRECTORY");
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("JOURNAL_STREAM");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         cmd
     }
 
     /// Starts the daemon (appending to its log) and waits until /v1/health answers.
     pub fn launch(mut self) -> Daemon {
+        self = self.spawn();
+        self.wait_ready();
+        self
+    }
+
+    /// Starts the daemon (appending to its log) without waiting for it.
+    pub fn spawn(mut self) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -247,7 +264,6 @@ impl Daemon {
             .spawn()
             .expect("spawn daemon");
         self.child = Some(child);
-        self.wait_ready();
         self
     }
 
@@ -449,4 +465,87 @@ impl Daemon {
             .unwrap()
             .clone()
     }
+}
+/// Runs the CLI against `d` as uid/gid 65534 with no supplementary groups (the daemon's
+/// socket and its directory must let others in: see `Daemon::open_to_others`).
+pub fn cli_as_nobody(d: &Daemon, args: &[&str]) -> std::process::Output {
+    // A copy nobody can execute (the build tree may not be reachable for it).
+    let bin = d.tmp.path().join("keyd-cli");
+    if !bin.exists() {
+        std::fs::copy(BIN, &bin).unwrap();
+    }
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+impl Daemon {
+    /// Lets other uids reach the socket (temp dir 0755, socket 0666); access is then decided
+    /// by peer credentials alone. Call before launch.
+    pub fn open_to_others(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            cfg.replacen("[server]\n", "[server]\nsocket_mode = \"0666\"\n", 1),
+        )
+        .unwrap();
+    }
+}
+
+/// A NOTIFY_SOCKET owned by the test: the daemon's sd_notify datagrams arrive here, in order.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    sock: UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+        // Not a speed check: only keeps a broken daemon from hanging the test forever.
+        sock.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        NotifySocket { path, sock }
+    }
+
+    /// The next datagram, as its `KEY=value` lines.
+    pub fn recv(&self) -> Vec<String> {
+        let mut buf = vec![0u8; 65536];
+        let n = self
+            .sock
+            .recv(&mut buf)
+            .expect("no sd_notify message from the daemon within 60 s");
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Reads datagrams until one contains the line `line`; returns that datagram. The ones
+    /// read before it are appended to `skipped` when given.
+    pub fn wait_for(&self, line: &str, mut skipped: Option<&mut Vec<Vec<String>>>) -> Vec<String> {
+        loop {
+            let msg = self.recv();
+            if msg.iter().any(|l| l == line) {
+                return msg;
+            }
+            if let Some(s) = skipped.as_deref_mut() {
+                s.push(msg);
+            }
+        }
+    }
+}
+
+/// The value of `KEY=` in a datagram.
+pub fn notify_value<'a>(msg: &'a [String], key: &str) -> Option<&'a str> {
+    msg.iter()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
