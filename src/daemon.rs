@@ -317,14 +317,12 @@ fn spawn_status(app: Arc<App>) {
 
 fn status_line(app: &App) -> String {
     let snap = app.keyring.snapshot();
-    let versions: usize = snap.keys.values().map(|k| k.versions.len()).sum();
-    let bad = snap
-        .keys
-        .values()
-        .flat_map(|k| k.versions.iter())
-        .filter(|v| v.key().is_none())
-        .count();
-    let mut s = format!("{} keys, {versions} versions loaded", snap.keys.len());
+    let bad = snap.unavailable().count();
+    let mut s = format!(
+        "{} keys, {} versions loaded",
+        snap.keys.len(),
+        snap.version_count()
+    );
     if bad > 0 {
         s.push_str(&format!("; degraded: {bad} versions unavailable"));
     }

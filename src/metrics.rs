@@ -120,15 +120,8 @@ impl Metrics {
     /// Encodes everything, refreshing the key gauges from `snap` first.
     pub fn render(&self, snap: &Snapshot, now: i64) -> String {
         self.keys.set(snap.keys.len() as i64);
-        let versions = snap.keys.values().map(|k| k.versions.len()).sum::<usize>();
-        self.versions.set(versions as i64);
-        let bad = snap
-            .keys
-            .values()
-            .flat_map(|k| k.versions.iter())
-            .filter(|v| v.key().is_none())
-            .count();
-        self.unavailable.set(bad as i64);
+        self.versions.set(snap.version_count() as i64);
+        self.unavailable.set(snap.unavailable().count() as i64);
         for key in snap.keys.values() {
             if let Some(due) = key.next_rotation() {
                 self.next_rotation

@@ -1,6 +1,7 @@
 //! HTTP/1.1 on a Unix socket. Each connection is tagged with its peer's credentials; each
 //! request is routed in `routes`, and errors become statuses in `response`.
 
+mod admin;
 mod peer;
 mod records;
 pub mod response;

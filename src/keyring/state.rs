@@ -17,6 +17,22 @@ pub struct Snapshot {
     pub keys: BTreeMap<KeyId, Arc<KeyState>>,
 }
 
+impl Snapshot {
+    pub fn version_count(&self) -> usize {
+        self.keys.values().map(|k| k.versions.len()).sum()
+    }
+
+    /// Every version that cannot be served, with its key.
+    pub fn unavailable(&self) -> impl Iterator<Item = (&KeyState, &VersionState)> {
+        self.keys.values().flat_map(|k| {
+            k.versions
+                .iter()
+                .filter(|v| v.key().is_none())
+                .map(move |v| (k.as_ref(), v))
+        })
+    }
+}
+
 pub enum Material {
     Ready(Arc<DataKey>),
     /// Why the version cannot be served (integrity failure, missing root key, revoked).
