@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
@@ -15,7 +16,8 @@ use zeroize::Zeroizing;
 use crate::clock::default_clock;
 use crate::config::{AccessPolicy, Config, VerificationMode};
 use crate::hsm::{Hsm, HsmWorker, Pkcs11Hsm};
-use crate::keyring::{harden_process, Keyring};
+use crate::keyring::{harden_process, Keyring, RevalidateSettings};
+use crate::kms::AwsKms;
 use crate::store::Store;
 use crate::verify::Verifier;
 use crate::{api, systemd};
@@ -37,13 +39,40 @@ impl App {
 
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
+/// Crates whose debug and trace output is wire-level detail (signing, connections, HTTP
+/// bodies). Capped at info unless the configured filter names them explicitly.
+const NOISY_CRATES: &[&str] = &[
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http_client",
+    "aws_smithy_http",
+    "aws_sigv4",
+    "aws_runtime",
+    "aws_sdk_kms",
+    "aws_credential_types",
+    "hyper_util",
+    "rustls",
+];
+
+/// The tracing filter for a configured `log.level`.
+pub fn log_filter(level: &str) -> EnvFilter {
+    let mut directives = level.to_string();
+    for krate in NOISY_CRATES {
+        if !level.contains(krate) {
+            directives.push_str(&format!(",{krate}=info"));
+        }
+    }
+    EnvFilter::try_new(&directives)
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
 /// Logs to stderr, one line per event, with colours only on a terminal (journald shows
 /// levels from the priority, and fields stay as key=value).
 pub fn init_logging(level: &str) -> LogHandle {
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = reload::Layer::new(filter);
+    let (filter, handle) = reload::Layer::new(log_filter(level));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -113,7 +142,11 @@ async fn run(
     store: Arc<Store>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let keyring = Keyring::load(store, hsm, default_clock()).await?;
+    let kms = Arc::new(AwsKms::new(
+        config.aws.endpoint_url.clone(),
+        config.aws.request_timeout,
+    ));
+    let keyring = Keyring::load(store, hsm, default_clock(), kms).await?;
     let (listener, activated) =
         systemd::listener(&config.server.socket, config.server.socket_mode)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
@@ -125,6 +158,17 @@ async fn run(
         verifier,
         stopping: tokio::sync::watch::channel(false).0,
     });
+    // Customer-supplied keys: checked with KMS now (bounded, so an unreachable KMS does not
+    // hold up the keys that need no KMS), then on a schedule.
+    let (first_pass_tx, first_pass) = tokio::sync::oneshot::channel();
+    tokio::spawn(revalidate(app.clone(), first_pass_tx));
+    let first_pass_limit = app.config.load().aws.request_timeout + Duration::from_secs(2);
+    if tokio::time::timeout(first_pass_limit, first_pass)
+        .await
+        .is_err()
+    {
+        tracing::warn!("KMS checks of customer-supplied keys still running; ready without them");
+    }
     let summary = status_line(&app);
     tracing::info!(
         socket = %app.config.load().server.socket.display(),
@@ -156,6 +200,31 @@ async fn run(
     api::serve(app, listener, shutdown).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The revalidation loop of customer-supplied keys: checks what is due, sleeps until the
+/// next check is due (or the daemon stops). Reads `[aws]` timing at every pass, so a reload
+/// applies it.
+async fn revalidate(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
+    let mut first_pass = Some(first_pass);
+    let mut stopping = app.stopping.subscribe();
+    loop {
+        let settings = {
+            let aws = &app.config.load().aws;
+            RevalidateSettings {
+                interval: aws.revalidate_interval,
+                max_stale: aws.max_stale,
+            }
+        };
+        let next = app.keyring.revalidate_due(settings).await;
+        if let Some(tx) = first_pass.take() {
+            let _ = tx.send(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 fn status_line(app: &App) -> String {
@@ -190,10 +259,12 @@ fn reload(app: &App, path: &Path, log: &LogHandle) {
                 || new.hsm.token_label != old.hsm.token_label
                 || new.state.dir != old.state.dir
                 || new.verification.mode != old.verification.mode
+                || new.aws.endpoint_url != old.aws.endpoint_url
+                || new.aws.request_timeout != old.aws.request_timeout
             {
-                tracing::warn!("reload: server.socket, hsm.*, state.dir and verification.mode take effect only after a restart");
+                tracing::warn!("reload: server.socket, hsm.*, state.dir, verification.mode, aws.endpoint_url and aws.request_timeout take effect only after a restart");
             }
-            if let Err(e) = log.modify(|f| *f = EnvFilter::new(&new.log.level)) {
+            if let Err(e) = log.modify(|f| *f = log_filter(&new.log.level)) {
                 tracing::warn!(error = %e, "reload: cannot change log level");
             }
             app.access.store(Arc::new(access));
