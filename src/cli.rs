@@ -9,6 +9,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 use crate::client::{Client, Reply};
 use crate::config::{self, Config};
@@ -128,11 +129,15 @@ enum KeysCmd {
     Create {
         env: String,
         country: String,
+        /// incountry-managed, or aws (customer-supplied: the customer's data key encrypted
+        /// under their AWS KMS CMK).
         #[arg(long = "type", default_value = "incountry-managed")]
         kind: String,
-        /// 30, 60, 180 or 360.
+        /// 30, 60, 180 or 360 (managed keys).
         #[arg(long)]
         rotation_period_days: Option<u32>,
+        #[command(flatten)]
+        aws: AwsArgs,
         #[command(flatten)]
         code: Code,
     },
@@ -154,6 +159,59 @@ enum KeysCmd {
         #[command(flatten)]
         code: Code,
     },
+}
+
+/// A customer-supplied (aws) version. The IAM secret key is read from a file, never taken
+/// on the command line (where other users could see it).
+#[derive(clap::Args)]
+struct AwsArgs {
+    /// AWS region of the CMK, e.g. eu-central-1.
+    #[arg(long)]
+    region: Option<String>,
+    /// The data key encrypted under the CMK (KMS ciphertext blob, base64).
+    #[arg(long)]
+    encrypted_key: Option<String>,
+    /// ARN of the customer's KMS key.
+    #[arg(long)]
+    cmk_arn: Option<String>,
+    /// IAM access key id allowed to kms:Decrypt with the CMK.
+    #[arg(long)]
+    access_key_id: Option<String>,
+    /// File holding the IAM secret access key ("-" for standard input).
+    #[arg(long)]
+    secret_key_file: Option<PathBuf>,
+}
+
+impl AwsArgs {
+    fn given(&self) -> bool {
+        self.region.is_some()
+            || self.encrypted_key.is_some()
+            || self.cmk_arn.is_some()
+            || self.access_key_id.is_some()
+            || self.secret_key_file.is_some()
+    }
+}
+
+/// Reads the IAM secret key: the file's first line.
+fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    use std::io::Read;
+    let mut text = Zeroizing::new(String::new());
+    if path == Path::new("-") {
+        std::io::stdin().read_to_string(&mut text).map_err(|e| {
+            anyhow::anyhow!("cannot read the IAM secret key from standard input: {e}")
+        })?;
+    } else {
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_to_string(&mut text))
+            .map_err(|e| {
+                anyhow::anyhow!("cannot read --secret-key-file {}: {e}", path.display())
+            })?;
+    }
+    let secret = Zeroizing::new(text.lines().next().unwrap_or("").trim().to_string());
+    if secret.is_empty() {
+        bail!("--secret-key-file {} is empty", path.display());
+    }
+    Ok(secret)
 }
 
 #[derive(clap::Args)]
@@ -377,9 +435,29 @@ async fn keys(client: &Client, cmd: KeysCmd, as_json: bool) -> anyhow::Result<Ex
             country,
             kind,
             rotation_period_days,
+            aws,
             code,
         } => {
-            let body = json!({"type": kind, "rotation_period_days": rotation_period_days});
+            let body = if kind == "aws" {
+                let Some(secret_file) = &aws.secret_key_file else {
+                    bail!("--type aws needs --secret-key-file (the secret key is never taken on the command line)");
+                };
+                let secret = read_secret_file(secret_file)?;
+                json!({
+                    "type": kind,
+                    "rotation_period_days": rotation_period_days,
+                    "region": aws.region,
+                    "encrypted_key": aws.encrypted_key,
+                    "cmk_arn": aws.cmk_arn,
+                    "access_key_id": aws.access_key_id,
+                    "secret_access_key": secret.as_str(),
+                })
+            } else {
+                if aws.given() {
+                    bail!("--region, --encrypted-key, --cmk-arn, --access-key-id and --secret-key-file apply only to --type aws");
+                }
+                json!({"type": kind, "rotation_period_days": rotation_period_days})
+            };
             admin(client, Method::POST, &key_path(&env, &country), body, code).await?
         }
         KeysCmd::Rotate {

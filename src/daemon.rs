@@ -16,7 +16,8 @@ use zeroize::Zeroizing;
 use crate::clock::default_clock;
 use crate::config::{AccessPolicy, Config, VerificationMode};
 use crate::hsm::{Hsm, HsmWorker, Pkcs11Hsm};
-use crate::keyring::{harden_process, Keyring};
+use crate::keyring::{harden_process, Keyring, RevalidateSettings};
+use crate::kms::AwsKms;
 use crate::metrics::Metrics;
 use crate::rotation::RotatorStatus;
 use crate::store::Store;
@@ -33,18 +34,44 @@ pub struct App {
     pub stopping: tokio::sync::watch::Sender<bool>,
     pub metrics: Metrics,
     pub rotator: RotatorStatus,
-    /// Wakes the rotator when the (test) clock moves.
-    pub clock_changed: tokio::sync::Notify,
+    /// Bumped when the (test) clock moves: wakes the rotator and the KMS revalidation.
+    pub clock_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl App {
     /// The test clock moved: wake whatever waits on time.
     pub fn on_clock_change(&self) {
-        self.clock_changed.notify_one();
+        self.clock_changed.send_modify(|n| *n += 1);
     }
 }
 
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// Crates whose debug and trace output is wire-level detail (signing, connections, HTTP
+/// bodies). Capped at info unless the configured filter names them explicitly.
+const NOISY_CRATES: &[&str] = &[
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http_client",
+    "aws_smithy_http",
+    "aws_sigv4",
+    "aws_runtime",
+    "aws_sdk_kms",
+    "aws_credential_types",
+    "hyper_util",
+    "rustls",
+];
+
+/// The tracing filter for a configured `log.level`.
+pub fn log_filter(level: &str) -> anyhow::Result<EnvFilter> {
+    let mut directives = level.to_string();
+    for krate in NOISY_CRATES {
+        if !level.contains(krate) {
+            directives.push_str(&format!(",{krate}=info"));
+        }
+    }
+    EnvFilter::try_new(&directives).with_context(|| format!("log.level `{level}`"))
+}
 
 /// Logs to stderr, one line per event with level and key=value fields, colours only on a
 /// terminal. When stderr is the journal (JOURNAL_STREAM), each line starts with a `<N>`
@@ -53,7 +80,7 @@ type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 pub fn init_logging(level: &str) -> LogHandle {
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let journal = systemd::stderr_is_journal();
     let plain = (!journal).then(|| {
@@ -199,7 +226,11 @@ async fn run(
         hsm.clone(),
         clock.clone(),
     );
-    let keyring = Keyring::load(store, hsm, clock).await?;
+    let kms = Arc::new(AwsKms::new(
+        config.aws.endpoint_url.clone(),
+        config.aws.request_timeout,
+    ));
+    let keyring = Keyring::load(store, hsm, clock, kms).await?;
     let (listener, origin) = systemd::listener(&config.server.socket, config.server.socket_mode)?;
     if matches!(origin, systemd::Origin::Activated(_)) {
         tracing::debug!("socket from systemd: server.socket and server.socket_mode are not used");
@@ -214,8 +245,19 @@ async fn run(
         verifier,
         stopping: tokio::sync::watch::channel(false).0,
         rotator: RotatorStatus::default(),
-        clock_changed: tokio::sync::Notify::new(),
+        clock_changed: tokio::sync::watch::channel(0).0,
     });
+    // Customer-supplied keys: checked with KMS now (bounded, so an unreachable KMS does not
+    // hold up the keys that need no KMS), then on a schedule.
+    let (first_pass_tx, first_pass) = tokio::sync::oneshot::channel();
+    tokio::spawn(revalidate(app.clone(), first_pass_tx));
+    let first_pass_limit = app.config.load().aws.request_timeout + Duration::from_secs(2);
+    if tokio::time::timeout(first_pass_limit, first_pass)
+        .await
+        .is_err()
+    {
+        tracing::warn!("KMS checks of customer-supplied keys still running; ready without them");
+    }
     let summary = status_line(&app);
     tracing::info!(
         socket = %origin,
@@ -315,6 +357,33 @@ fn spawn_status(app: Arc<App>) {
     });
 }
 
+/// The revalidation loop of customer-supplied keys: checks what is due, sleeps until the
+/// next check is due (or the daemon stops). Reads `[aws]` timing at every pass, so a reload
+/// applies it.
+async fn revalidate(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
+    let mut first_pass = Some(first_pass);
+    let mut stopping = app.stopping.subscribe();
+    let mut clock = app.clock_changed.subscribe();
+    loop {
+        let settings = {
+            let aws = &app.config.load().aws;
+            RevalidateSettings {
+                interval: aws.revalidate_interval,
+                max_stale: aws.max_stale,
+            }
+        };
+        let next = app.keyring.revalidate_due(settings).await;
+        if let Some(tx) = first_pass.take() {
+            let _ = tx.send(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = clock.changed() => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 fn status_line(app: &App) -> String {
     let snap = app.keyring.snapshot();
     let bad = snap.unavailable().count();
@@ -338,8 +407,7 @@ fn status_line(app: &App) -> String {
 fn reload(app: &App, path: &Path, log: &LogHandle) -> anyhow::Result<()> {
     let new = Config::load(path)?;
     let access = new.access_policy()?;
-    let filter = EnvFilter::try_new(&new.log.level)
-        .with_context(|| format!("log.level `{}`", new.log.level))?;
+    let filter = log_filter(&new.log.level)?;
     let old = app.config.load();
     if new.server.socket != old.server.socket
         || new.server.socket_mode != old.server.socket_mode
@@ -348,8 +416,10 @@ fn reload(app: &App, path: &Path, log: &LogHandle) -> anyhow::Result<()> {
         || new.hsm.pin_file != old.hsm.pin_file
         || new.state.dir != old.state.dir
         || new.verification.mode != old.verification.mode
+        || new.aws.endpoint_url != old.aws.endpoint_url
+        || new.aws.request_timeout != old.aws.request_timeout
     {
-        tracing::warn!("reload: server.socket, server.socket_mode, hsm.*, state.dir and verification.mode take effect only after a restart");
+        tracing::warn!("reload: server.socket, server.socket_mode, hsm.*, state.dir, verification.mode, aws.endpoint_url and aws.request_timeout take effect only after a restart");
     }
     if let Err(e) = log.modify(|f| *f = filter) {
         tracing::warn!(error = %e, "reload: cannot change the log level");

@@ -3,7 +3,8 @@
 //!
 //! Where a request goes: `api` (socket, peer credentials, routing) → `verify` (admin
 //! verification codes) → `keyring` (live keys, key operations) → `hsm` (root keys, wrapping,
-//! on a dedicated thread) and `store` (SQLite state). `daemon` wires them together;
+//! on a dedicated thread), `kms` (AWS KMS for customer-supplied keys) and `store` (SQLite
+//! state). `daemon` wires them together;
 //! `cli` and `client` are the command line.
 
 pub mod api;
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod error;
 pub mod hsm;
 pub mod keyring;
+pub mod kms;
 pub mod metrics;
 pub mod rewrap;
 pub mod rotation;

@@ -76,11 +76,12 @@ impl RotatorStatus {
 pub async fn run(app: Arc<App>) {
     let mut changes = app.keyring.subscribe();
     let mut stopping = app.stopping.subscribe();
+    let mut clock = app.clock_changed.subscribe();
     loop {
         let wake_in = pass(&app).await;
         tokio::select! {
             _ = tokio::time::sleep(wake_in) => {}
-            _ = app.clock_changed.notified() => {}
+            _ = clock.changed() => {}
             changed = changes.changed() => if changed.is_err() { return },
             _ = stopping.wait_for(|s| *s) => return,
         }
@@ -111,6 +112,7 @@ async fn pass(app: &App) -> Duration {
             rotation_period_days: None,
             origin: Origin::Timer,
             versions_per_day: u32::MAX,
+            customer_supplied_versions: u32::MAX,
             existing_only: true,
             expect_active: Some(key.last_version()),
             actor: Actor::Timer,

@@ -65,6 +65,13 @@ const MIGRATIONS: &[&str] = &[
         created INTEGER NOT NULL,
         last_step INTEGER NOT NULL
      );",
+    // 4: customer-supplied (aws) versions. Their data key is never stored: only what KMS
+    // needs to decrypt it again. The IAM secret key is sealed by the HSM root key in
+    // `iv`/`wrapped` (for managed versions those hold the wrapped data key).
+    "ALTER TABLE versions ADD COLUMN aws_region TEXT;
+     ALTER TABLE versions ADD COLUMN aws_encrypted_key BLOB;
+     ALTER TABLE versions ADD COLUMN aws_cmk_arn TEXT;
+     ALTER TABLE versions ADD COLUMN aws_access_key_id TEXT;",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +122,9 @@ impl Origin {
 }
 
 /// A version as stored: wrapped, never the data key itself. No Debug: the blob stays out
-/// of logs.
+/// of logs. Managed versions: `wrapped` is the data key sealed by the HSM root key. Aws
+/// versions: `wrapped` is the IAM secret key sealed by the HSM root key, and `aws` says
+/// where the data key is.
 pub struct StoredVersion {
     pub version: u32,
     pub kind: VersionType,
@@ -123,6 +132,16 @@ pub struct StoredVersion {
     pub origin: Origin,
     pub iv: [u8; WRAP_IV_LEN],
     pub wrapped: Vec<u8>,
+    pub aws: Option<StoredAws>,
+}
+
+/// What the state keeps of a customer-supplied version besides the sealed IAM secret.
+pub struct StoredAws {
+    pub region: String,
+    /// The KMS ciphertext blob of the data key.
+    pub encrypted_key: Vec<u8>,
+    pub cmk_arn: String,
+    pub access_key_id: String,
 }
 
 pub struct StoredKey {
@@ -186,7 +205,7 @@ impl Store {
             "SELECT id, environment, country, rotation_period_days, created FROM keys ORDER BY environment, country",
         )?;
         let mut ver_stmt = conn.prepare(
-            "SELECT version, type, created, origin, iv, wrapped FROM versions WHERE key_id = ?1 ORDER BY version",
+            "SELECT version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id FROM versions WHERE key_id = ?1 ORDER BY version",
         )?;
         let rows = keys_stmt
             .query_map([], |r| {
@@ -213,14 +232,38 @@ impl Store {
                         r.get::<_, String>(3)?,
                         r.get::<_, Vec<u8>>(4)?,
                         r.get::<_, Vec<u8>>(5)?,
+                        (
+                            r.get::<_, Option<String>>(6)?,
+                            r.get::<_, Option<Vec<u8>>>(7)?,
+                            r.get::<_, Option<String>>(8)?,
+                            r.get::<_, Option<String>>(9)?,
+                        ),
                     ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?
                 .into_iter()
-                .map(|(version, kind, created, origin, iv, wrapped)| {
+                .map(|(version, kind, created, origin, iv, wrapped, aws)| {
+                    let kind = VersionType::parse(&kind)?;
+                    let aws = match (kind, aws) {
+                        (VersionType::Managed, _) => None,
+                        (
+                            VersionType::Aws,
+                            (Some(region), Some(encrypted_key), Some(cmk_arn), Some(access_key_id)),
+                        ) => Some(StoredAws {
+                            region,
+                            encrypted_key,
+                            cmk_arn,
+                            access_key_id,
+                        }),
+                        (VersionType::Aws, _) => {
+                            return Err(Error::integrity(format!(
+                            "{id} version {version}: aws version without its KMS details in state"
+                        )))
+                        }
+                    };
                     Ok(StoredVersion {
                         version,
-                        kind: VersionType::parse(&kind)?,
+                        kind,
                         created,
                         origin: Origin::parse(&origin),
                         iv: iv.as_slice().try_into().map_err(|_| {
@@ -229,6 +272,7 @@ impl Store {
                             ))
                         })?,
                         wrapped,
+                        aws,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -289,7 +333,7 @@ impl Store {
             }
         };
         tx.execute(
-            "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 rowid,
                 v.version,
@@ -297,7 +341,11 @@ impl Store {
                 v.created,
                 v.origin.as_str(),
                 &v.iv[..],
-                v.wrapped
+                v.wrapped,
+                v.aws.as_ref().map(|a| a.region.as_str()),
+                v.aws.as_ref().map(|a| a.encrypted_key.as_slice()),
+                v.aws.as_ref().map(|a| a.cmk_arn.as_str()),
+                v.aws.as_ref().map(|a| a.access_key_id.as_str()),
             ],
         )?;
         append_audit(&tx, audit)?;

@@ -14,14 +14,127 @@ use crate::audit::Actor;
 use crate::daemon::App;
 use crate::error::{Error, Result};
 use crate::keyring::{check_period, KeyId, KeySource, NewVersion};
+use crate::kms::AwsKeyRef;
 use crate::store::Origin;
+use zeroize::Zeroizing;
 
+/// No Debug: it may hold an IAM secret key.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     #[serde(rename = "type")]
     kind: String,
     rotation_period_days: Option<u32>,
+    // Customer-supplied (aws) versions only.
+    region: Option<String>,
+    encrypted_key: Option<String>,
+    cmk_arn: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+}
+
+impl CreateBody {
+    fn has_aws_fields(&self) -> bool {
+        self.region.is_some()
+            || self.encrypted_key.is_some()
+            || self.cmk_arn.is_some()
+            || self.access_key_id.is_some()
+            || self.secret_access_key.is_some()
+    }
+}
+
+fn required(field: Option<String>, name: &str) -> Result<String> {
+    field.ok_or_else(|| {
+        Error::bad_input(
+            "missing_field",
+            format!("{name} is required for type aws (region, encrypted_key, cmk_arn, access_key_id, secret_access_key)"),
+        )
+    })
+}
+
+/// Checks the fields of an aws registration (shape only; KMS decides the rest).
+fn aws_source(body: CreateBody) -> Result<AwsKeyRef> {
+    use base64::Engine;
+    // Taken first, so the secret is zeroized on every return path.
+    let secret = body.secret_access_key.map(Zeroizing::new);
+    if body.rotation_period_days.is_some() {
+        return Err(Error::bad_input(
+            "invalid_rotation_period",
+            "rotation_period_days does not apply to aws versions (the customer rotates their own key)",
+        ));
+    }
+    let region = required(body.region, "region")?;
+    let region_ok = (1..=32).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !region_ok {
+        return Err(Error::bad_input(
+            "invalid_region",
+            "region must be an AWS region name such as eu-central-1",
+        ));
+    }
+    let cmk_arn = required(body.cmk_arn, "cmk_arn")?;
+    let parts: Vec<&str> = cmk_arn.splitn(6, ':').collect();
+    let arn_ok = cmk_arn.len() <= 2048
+        && parts.len() == 6
+        && parts[0] == "arn"
+        && parts[2] == "kms"
+        && (parts[5].starts_with("key/") || parts[5].starts_with("alias/"))
+        && cmk_arn.bytes().all(|b| b.is_ascii_graphic());
+    if !arn_ok {
+        return Err(Error::bad_input(
+            "invalid_cmk_arn",
+            "cmk_arn must be a KMS key ARN such as arn:aws:kms:eu-central-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        ));
+    }
+    if parts[3] != region {
+        return Err(Error::bad_input(
+            "invalid_cmk_arn",
+            format!("cmk_arn is in region {} but region is {region}", parts[3]),
+        ));
+    }
+    let encrypted_key = required(body.encrypted_key, "encrypted_key")?;
+    let encrypted_key = base64::engine::general_purpose::STANDARD
+        .decode(encrypted_key.trim())
+        .ok()
+        .filter(|b| (1..=6144).contains(&b.len()))
+        .ok_or_else(|| {
+            Error::bad_input(
+                "invalid_encrypted_key",
+                "encrypted_key must be the KMS ciphertext blob in standard base64 (1 to 6144 bytes)",
+            )
+        })?;
+    let access_key_id = required(body.access_key_id, "access_key_id")?;
+    let id_ok = (16..=128).contains(&access_key_id.len())
+        && access_key_id.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !id_ok {
+        return Err(Error::bad_input(
+            "invalid_access_key_id",
+            "access_key_id must be an IAM access key id (16 to 128 letters and digits)",
+        ));
+    }
+    let secret = secret.ok_or_else(|| {
+        Error::bad_input(
+            "missing_field",
+            "secret_access_key is required for type aws",
+        )
+    })?;
+    let secret_ok =
+        (1..=256).contains(&secret.len()) && secret.bytes().all(|b| b.is_ascii_graphic());
+    if !secret_ok {
+        return Err(Error::bad_input(
+            "invalid_secret_access_key",
+            "secret_access_key must be 1 to 256 printable ASCII characters without spaces",
+        ));
+    }
+    Ok(AwsKeyRef {
+        region,
+        encrypted_key,
+        cmk_arn,
+        access_key_id,
+        secret_access_key: secret,
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -120,14 +233,18 @@ async fn create(
     let body: CreateBody = read_json(app, req)
         .await?
         .ok_or_else(|| Error::bad_input("missing_body", "a JSON body with \"type\" is required"))?;
-    let source = match body.kind.as_str() {
-        "incountry-managed" => KeySource::Managed,
-        "aws" => {
-            return Err(Error::bad_input(
-                "unsupported_type",
-                "customer-supplied (aws) versions are not supported by this build",
-            ))
+    let (source, period) = match body.kind.as_str() {
+        "incountry-managed" => {
+            if body.has_aws_fields() {
+                return Err(Error::bad_input(
+                    "invalid_request",
+                    "region, encrypted_key, cmk_arn, access_key_id and secret_access_key apply only to type aws",
+                ));
+            }
+            let period = body.rotation_period_days.map(check_period).transpose()?;
+            (KeySource::Managed, period)
         }
+        "aws" => (KeySource::Aws(aws_source(body)?), None),
         other => {
             return Err(Error::bad_input(
                 "invalid_type",
@@ -135,7 +252,6 @@ async fn create(
             ))
         }
     };
-    let period = body.rotation_period_days.map(check_period).transpose()?;
     add_version(app, peer, &id, source, period, AdminAction::Create).await
 }
 
@@ -171,6 +287,7 @@ async fn add_version(
         rotation_period_days: period,
         origin: Origin::Admin,
         versions_per_day: app.config.load().limits.versions_per_day,
+        customer_supplied_versions: app.config.load().limits.customer_supplied_versions,
         existing_only: matches!(action, AdminAction::Rotate),
         expect_active: None,
         actor: Actor::of(peer),

@@ -220,10 +220,12 @@ async fn health(app: &App) -> Response<Body> {
         .collect();
     let verification = app.verifier.mode();
     let rotation = app.rotator.view();
+    let aws = app.keyring.aws_health();
     let degraded = hsm != "ok"
         || !unavailable.is_empty()
         || verification == "off"
-        || !rotation.failing.is_empty();
+        || !rotation.failing.is_empty()
+        || aws.status == "degraded";
     response::json(
         StatusCode::OK,
         &json!({
@@ -234,6 +236,7 @@ async fn health(app: &App) -> Response<Body> {
             "unavailable_versions": unavailable,
             "verification": verification,
             "rotation": rotation,
+            "aws": aws,
         }),
     )
 }

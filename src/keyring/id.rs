@@ -56,6 +56,16 @@ impl KeyId {
         )
         .into_bytes()
     }
+
+    /// Additional data binding a sealed IAM secret key (of an aws version) to its slot; it
+    /// differs from every data-key AAD, so neither blob can stand in for the other.
+    pub fn aws_secret_aad(&self, version: u32) -> Vec<u8> {
+        format!(
+            "incountry-keyd/v1/aws-iam-secret\0{}\0{}\0{}",
+            self.env, self.country, version
+        )
+        .into_bytes()
+    }
 }
 
 impl fmt::Display for KeyId {
@@ -85,5 +95,7 @@ mod tests {
         let b = KeyId::parse("p", "FR").unwrap();
         assert_ne!(a.wrap_aad(1), b.wrap_aad(1));
         assert_ne!(a.wrap_aad(1), a.wrap_aad(2));
+        assert_ne!(a.wrap_aad(1), a.aws_secret_aad(1));
+        assert_ne!(a.aws_secret_aad(1), b.aws_secret_aad(1));
     }
 }

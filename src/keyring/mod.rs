@@ -2,12 +2,15 @@
 //! operations that add versions or change settings (HSM first, then one state transaction,
 //! then a new snapshot). Readers never wait for writers.
 
+mod aws;
 mod counters;
 mod id;
 mod secret;
 mod state;
 
+pub use aws::{AwsHealth, AwsProblem, RevalidateSettings};
 pub use counters::{Count, CounterValues, RecordCounters};
+
 pub use id::KeyId;
 pub use secret::{harden_process, DataKey, DATA_KEY_LEN};
 pub use state::{KeyState, Material, Snapshot, VersionState};
@@ -23,7 +26,8 @@ use crate::audit::{Actor, AuditEntry};
 use crate::clock::{rfc3339, seconds_to_utc_midnight, SharedClock};
 use crate::error::{Error, Result};
 use crate::hsm::{HsmError, HsmWorker, WRAP_IV_LEN};
-use crate::store::{Origin, Store, StoredKey, StoredVersion, VersionType};
+use crate::kms::{AwsKeyRef, KmsDecrypt};
+use crate::store::{Origin, Store, StoredAws, StoredKey, StoredVersion, VersionType};
 
 pub const ROTATION_PERIODS_DAYS: [u32; 4] = [30, 60, 180, 360];
 
@@ -52,16 +56,20 @@ impl From<HsmError> for Error {
     }
 }
 
-/// Where a new version's data key comes from. Customer-supplied sources join here.
+/// Where a new version's data key comes from.
 pub enum KeySource {
     /// 32 bytes from the HSM's RNG.
     Managed,
+    /// Customer-supplied: the customer's data key encrypted under their KMS CMK, decrypted
+    /// with their IAM credentials.
+    Aws(AwsKeyRef),
 }
 
 impl KeySource {
     fn kind(&self) -> VersionType {
         match self {
             KeySource::Managed => VersionType::Managed,
+            KeySource::Aws(_) => VersionType::Aws,
         }
     }
 }
@@ -74,6 +82,8 @@ pub struct NewVersion {
     pub origin: Origin,
     /// New versions per key per UTC day allowed to admin requests.
     pub versions_per_day: u32,
+    /// Customer-supplied versions per key over its life.
+    pub customer_supplied_versions: u32,
     /// Only add a version to an existing key (rotate), never create one.
     pub existing_only: bool,
     /// Only if this is still the active version (the timer's guard against racing an
@@ -106,13 +116,22 @@ pub struct Keyring {
     changes: tokio::sync::watch::Sender<u64>,
     // Records encrypted, decrypted and rewrapped per version since start.
     records: RecordCounters,
+    kms: Arc<dyn KmsDecrypt>,
+    /// Revalidation state of each aws version.
+    aws_checks: std::sync::Mutex<aws::Checks>,
 }
 
 impl Keyring {
     /// Loads every key from state and unwraps every version in the HSM. Keys whose root key
     /// is gone, and versions that fail their integrity check, load as unavailable (with an
-    /// error in the log), so the rest still serve.
-    pub async fn load(store: Arc<Store>, hsm: HsmWorker, clock: SharedClock) -> Result<Keyring> {
+    /// error in the log), so the rest still serve. Aws versions load as unavailable until
+    /// their first KMS check (`revalidate_due`).
+    pub async fn load(
+        store: Arc<Store>,
+        hsm: HsmWorker,
+        clock: SharedClock,
+        kms: Arc<dyn KmsDecrypt>,
+    ) -> Result<Keyring> {
         let stored = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.load_all())
@@ -133,6 +152,8 @@ impl Keyring {
             writer: tokio::sync::Mutex::new(()),
             changes,
             records: RecordCounters::default(),
+            kms,
+            aws_checks: std::sync::Mutex::new(aws::Checks::default()),
         })
     }
 
@@ -169,6 +190,27 @@ impl Keyring {
 
     /// Creates a key (version 1) or adds a version to an existing one.
     pub async fn add_version(&self, id: &KeyId, req: NewVersion) -> Result<Made> {
+        // A customer-supplied key is decrypted with KMS before the writer lock is taken, so
+        // that a slow KMS never holds up other changes; the limits are checked before (to
+        // spare KMS a call that would be refused) and again under the lock.
+        let kind = req.source.kind();
+        let limits = Limits {
+            aws: kind == VersionType::Aws,
+            origin: req.origin,
+            versions_per_day: req.versions_per_day,
+            customer_supplied_versions: req.customer_supplied_versions,
+        };
+        let aws = match req.source {
+            KeySource::Managed => None,
+            KeySource::Aws(aws) => {
+                if let Some(key) = self.current.load().keys.get(id) {
+                    limits.check(key, self.clock.now())?;
+                }
+                let plaintext = self.decrypt_for_registration(id, &aws).await?;
+                Some((aws, plaintext))
+            }
+        };
+
         let _writer = self.writer.lock().await;
         let now = self.clock.now();
         let existing = self.current.load().keys.get(id).cloned();
@@ -180,12 +222,7 @@ impl Keyring {
                         format!("{id} changed since the rotation was planned"),
                     ));
                 }
-                if let Some(problem) = &key.problem {
-                    return Err(Error::unavailable("root_key_missing", problem));
-                }
-                if req.origin == Origin::Admin {
-                    check_daily_limit(key, now, req.versions_per_day)?;
-                }
+                limits.check(key, now)?;
                 let period = req.rotation_period_days.or(key.rotation_period_days);
                 (key.last_version() + 1, period)
             }
@@ -194,28 +231,53 @@ impl Keyring {
             }
             None => (1, req.rotation_period_days),
         };
-        if req.source.kind() == VersionType::Managed && period.is_none() {
+        if kind == VersionType::Managed && period.is_none() {
             return Err(Error::bad_input(
                 "missing_rotation_period",
                 "rotation_period_days is required for a managed key (30, 60, 180 or 360)",
             ));
         }
 
-        let (key_bytes, iv, wrapped, root_created) = self.make_managed(id, version).await?;
+        let (key_bytes, iv, wrapped, root_created, stored_aws, aws_ref) = match aws {
+            None => {
+                let (key, iv, wrapped, root_created) = self.make_managed(id, version).await?;
+                (key, iv, wrapped, root_created, None, None)
+            }
+            Some((aws, plaintext)) => {
+                let (iv, sealed, root_created) = self
+                    .seal_aws_secret(id, version, &aws.secret_access_key)
+                    .await?;
+                let stored = StoredAws {
+                    region: aws.region.clone(),
+                    encrypted_key: aws.encrypted_key.clone(),
+                    cmk_arn: aws.cmk_arn.clone(),
+                    access_key_id: aws.access_key_id.clone(),
+                };
+                (
+                    plaintext,
+                    iv,
+                    sealed,
+                    root_created,
+                    Some(stored),
+                    Some(Arc::new(aws)),
+                )
+            }
+        };
         let stored = StoredVersion {
             version,
-            kind: req.source.kind(),
+            kind,
             created: now.unix_timestamp(),
             origin: req.origin,
             iv,
             wrapped,
+            aws: stored_aws,
         };
         let material = DataKey::new(&key_bytes[..])
             .map(|k| Material::Ready(Arc::new(k)))
             .ok_or_else(|| Error::internal("cannot allocate key memory"))?;
         let audit = AuditEntry::new(now.unix_timestamp(), &req.actor, req.action, Some(id))
             .version(version)
-            .outcome("ok", format!("new {} version", req.source.kind().as_str()));
+            .outcome("ok", format!("new {} version", kind.as_str()));
         self.blocking(
             move |store, id| store.add_version(id, period, &stored, &audit),
             id,
@@ -224,12 +286,16 @@ impl Keyring {
         if root_created {
             tracing::info!(env = %id.env, country = %id.country, "created root key in HSM");
         }
+        if aws_ref.is_some() {
+            self.record_registration(id, version, now.unix_timestamp());
+        }
         let new_version = VersionState {
             version,
-            kind: req.source.kind(),
+            kind,
             created: now.unix_timestamp(),
             origin: req.origin,
             material,
+            aws: aws_ref,
         };
         let key = match existing {
             Some(key) => key.with_version(new_version, period),
@@ -240,7 +306,7 @@ impl Keyring {
             environment: id.env.clone(),
             country: id.country.clone(),
             version,
-            kind: req.source.kind().as_str(),
+            kind: kind.as_str(),
             created: rfc3339(now.unix_timestamp()),
             key_created: version == 1,
         })
@@ -334,6 +400,35 @@ impl Keyring {
         Ok(made)
     }
 
+    /// Seals an aws version's IAM secret key under the key's root key (created on first use,
+    /// adopted when it exists), with its own AAD; checked by opening it again.
+    async fn seal_aws_secret(
+        &self,
+        id: &KeyId,
+        version: u32,
+        secret: &Zeroizing<String>,
+    ) -> Result<([u8; WRAP_IV_LEN], Vec<u8>, bool)> {
+        let label = id.root_label();
+        let aad = id.aws_secret_aad(version);
+        let create_root = version == 1;
+        let secret = Zeroizing::new(secret.as_bytes().to_vec());
+        let sealed = self
+            .hsm
+            .call(move |h| {
+                let root_created = h.ensure_root_key(&label, create_root)?;
+                let mut iv = [0u8; WRAP_IV_LEN];
+                h.random(&mut iv)?;
+                let sealed = h.seal(&label, &iv, &aad, &secret)?;
+                let back = h.open(&label, &iv, &aad, &sealed)?;
+                if back.as_slice() != secret.as_slice() {
+                    return Err(HsmError::Integrity);
+                }
+                Ok((iv, sealed, root_created))
+            })
+            .await?;
+        Ok(sealed)
+    }
+
     fn publish(&self, key: KeyState) {
         let key = Arc::new(key);
         self.current.rcu(|snap| {
@@ -342,6 +437,39 @@ impl Keyring {
             Snapshot { keys }
         });
         self.changes.send_modify(|g| *g += 1);
+    }
+}
+
+/// The limits a new version must pass on an existing key.
+struct Limits {
+    aws: bool,
+    origin: Origin,
+    versions_per_day: u32,
+    customer_supplied_versions: u32,
+}
+
+impl Limits {
+    fn check(&self, key: &KeyState, now: OffsetDateTime) -> Result<()> {
+        if let Some(problem) = &key.problem {
+            return Err(Error::unavailable("root_key_missing", problem));
+        }
+        if self.aws {
+            let limit = self.customer_supplied_versions;
+            let used = key.customer_supplied_versions();
+            if used as u64 >= limit as u64 {
+                return Err(Error::conflict(
+                    "customer_supplied_limit",
+                    format!(
+                        "{}: the limit of {limit} customer-supplied (aws) versions per key is reached ({used} registered over the key's life); this limit does not reset",
+                        key.id
+                    ),
+                ));
+            }
+        }
+        if self.origin == Origin::Admin {
+            check_daily_limit(key, now, self.versions_per_day)?;
+        }
+        Ok(())
     }
 }
 
@@ -373,7 +501,13 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
     let jobs: Vec<_> = key
         .versions
         .iter()
-        .map(|v| (v.iv, key.id.wrap_aad(v.version), v.wrapped.clone()))
+        .map(|v| {
+            let aad = match v.kind {
+                VersionType::Managed => key.id.wrap_aad(v.version),
+                VersionType::Aws => key.id.aws_secret_aad(v.version),
+            };
+            (v.iv, aad, v.wrapped.clone())
+        })
         .collect();
     let opened = hsm
         .call(move |h| {
@@ -399,6 +533,19 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
     let mut versions = Vec::with_capacity(key.versions.len());
     let mut opened = opened.into_iter();
     for v in key.versions {
+        if let Some(stored) = v.aws {
+            let opened = opened.next();
+            let (material, aws) = aws::load_version(&key.id, v.version, &problem, stored, opened)?;
+            versions.push(VersionState {
+                version: v.version,
+                kind: v.kind,
+                created: v.created,
+                origin: v.origin,
+                material,
+                aws,
+            });
+            continue;
+        }
         let material = match (&problem, opened.next()) {
             (Some(p), _) => Material::Unavailable(p.clone()),
             (None, Some(Ok(bytes))) => match DataKey::new(&bytes) {
@@ -425,6 +572,7 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
             created: v.created,
             origin: v.origin,
             material,
+            aws: None,
         });
     }
     Ok(KeyState {

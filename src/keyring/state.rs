@@ -9,6 +9,7 @@ use zeroize::Zeroizing;
 
 use super::{DataKey, KeyId};
 use crate::error::{Error, Result};
+use crate::kms::AwsKeyRef;
 use crate::store::{Origin, VersionType};
 
 /// One published state of every key. Replaced whole, never changed in place.
@@ -45,6 +46,8 @@ pub struct VersionState {
     pub created: i64,
     pub origin: Origin,
     pub material: Material,
+    /// For aws versions: what KMS needs to decrypt the data key again (revalidation).
+    pub aws: Option<Arc<AwsKeyRef>>,
 }
 
 impl VersionState {
@@ -88,6 +91,42 @@ impl KeyState {
             problem: self.problem.clone(),
             versions,
         }
+    }
+
+    /// A copy where the versions in `changes` (version number, new material) get new
+    /// material; everything else is shared.
+    pub fn with_materials(&self, changes: Vec<(u32, Material)>) -> KeyState {
+        let mut versions: Vec<VersionState> = self.versions.iter().map(share).collect();
+        for (n, material) in changes {
+            if let Some(v) = versions.iter_mut().find(|v| v.version == n) {
+                v.material = material;
+            }
+        }
+        KeyState {
+            id: self.id.clone(),
+            rotation_period_days: self.rotation_period_days,
+            created: self.created,
+            problem: self.problem.clone(),
+            versions,
+        }
+    }
+
+    /// How many customer-supplied (aws) versions the key has had (versions are never
+    /// removed, so this counts over the key's life).
+    pub fn customer_supplied_versions(&self) -> usize {
+        self.versions
+            .iter()
+            .filter(|v| v.kind == VersionType::Aws)
+            .count()
+    }
+
+    /// Whether the rotation timer may rotate this key: never while an aws version is active
+    /// (the customer decides when their key changes).
+    pub fn rotates_automatically(&self) -> bool {
+        self.rotation_period_days.is_some()
+            && self
+                .active()
+                .is_some_and(|v| v.kind == VersionType::Managed)
     }
 
     pub fn with_period(&self, period: Option<u32>) -> KeyState {
@@ -193,10 +232,18 @@ fn share(v: &VersionState) -> VersionState {
         kind: v.kind,
         created: v.created,
         origin: v.origin,
-        material: match &v.material {
+        material: v.material.share(),
+        aws: v.aws.clone(),
+    }
+}
+
+impl Material {
+    /// The same material (the key itself is shared, not copied).
+    pub fn share(&self) -> Material {
+        match self {
             Material::Ready(k) => Material::Ready(k.clone()),
             Material::Unavailable(s) => Material::Unavailable(s.clone()),
-        },
+        }
     }
 }
 
@@ -211,6 +258,7 @@ mod tests {
             created: 0,
             origin: Origin::Admin,
             material: Material::Ready(Arc::new(DataKey::new(&[byte; 32]).unwrap())),
+            aws: None,
         }
     }
 

@@ -413,6 +413,20 @@ pub fn sdk_python() -> PathBuf {
     p
 }
 
+/// The Python with moto's server and boto3 (a venv of its own: moto needs pydantic 2, the
+/// SDK pydantic 1).
+pub fn moto_python() -> PathBuf {
+    let p = std::env::var_os("KEYD_TEST_MOTO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv-moto/bin/python"));
+    assert!(
+        p.exists(),
+        "{} missing: run tests through tests/run.sh, which makes the moto venv",
+        p.display()
+    );
+    p
+}
+
 /// Runs tests/sdk/sdk_tool.py with a secrets document.
 pub fn sdk(doc: &serde_json::Value, args: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
