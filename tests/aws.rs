@@ -549,6 +549,23 @@ fn revoked_cmk_makes_versions_unavailable_until_enabled_again() {
         vec![(1, kms.key32_plain.clone()), managed.clone()]
     );
     assert_eq!(d.get("/v1/health").json()["aws"]["status"], "ok");
+    let audit = d.get("/v1/audit?since=0").json()["entries"].clone();
+    let revalidations: Vec<(String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "kms-revalidate" && e["version"] == 1)
+        .map(|e| {
+            (
+                e["outcome"].as_str().unwrap().into(),
+                e["detail"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(revalidations.len(), 2, "{revalidations:?}");
+    assert_eq!(revalidations[0].0, "failed");
+    assert!(revalidations[0].1.contains("disabled"), "{revalidations:?}");
+    assert_eq!(revalidations[1].0, "ok");
 
     // An active aws version whose CMK goes pending deletion: the document cannot be served
     // (its current version is gone), and says why.

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::{DataKey, KeyId, Keyring, Material, DATA_KEY_LEN};
+use crate::audit::Actor;
 use crate::clock::rfc3339;
 use crate::error::{Error, Result};
 use crate::hsm::HsmError;
@@ -81,6 +82,9 @@ pub struct AwsProblem {
     pub failures: u32,
 }
 
+/// Why an aws version is not served between start and its first KMS check.
+const AWAITING_FIRST_CHECK: &str = "waiting for the first KMS check since start";
+
 /// One aws version read from state: its IAM secret opened by the HSM. The data key comes
 /// later, from KMS.
 pub(super) fn load_version(
@@ -118,7 +122,7 @@ pub(super) fn load_version(
         secret_access_key: secret,
     };
     Ok((
-        Material::Unavailable("waiting for the first KMS check since start".into()),
+        Material::Unavailable(AWAITING_FIRST_CHECK.into()),
         Some(Arc::new(aws)),
     ))
 }
@@ -305,10 +309,34 @@ impl Keyring {
             by_key.entry(id).or_default().push((n, m));
         }
         let snap = self.snapshot();
+        let mut audits = Vec::new();
         for (id, changes) in by_key {
-            if let Some(key) = snap.keys.get(&id) {
-                self.publish(key.with_materials(changes));
+            let Some(key) = snap.keys.get(&id) else {
+                continue;
+            };
+            for (n, new) in &changes {
+                let was_waiting = matches!(
+                    key.version(*n).map(|v| &v.material),
+                    Some(Material::Unavailable(why)) if why == AWAITING_FIRST_CHECK
+                );
+                let entry = self
+                    .audit_entry(&Actor::Timer, "kms-revalidate", Some(&id))
+                    .version(*n);
+                match new {
+                    Material::Unavailable(why) => {
+                        audits.push(entry.outcome("failed", format!("version unavailable: {why}")))
+                    }
+                    // The first successful check after start is routine, not an event.
+                    Material::Ready(_) if !was_waiting => {
+                        audits.push(entry.outcome("ok", "version restored: KMS decrypts it again"))
+                    }
+                    Material::Ready(_) => {}
+                }
             }
+            self.publish(key.with_materials(changes));
+        }
+        for entry in audits {
+            self.audit(entry).await;
         }
     }
 
