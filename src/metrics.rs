@@ -39,6 +39,16 @@ pub struct Metrics {
     versions: Gauge,
     unavailable: Gauge,
     next_rotation: Family<KeyLabels, Gauge>,
+    waiters: Gauge,
+}
+
+/// Counts one long-polling request while it lives.
+pub struct Waiting(Gauge);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -58,6 +68,7 @@ impl Metrics {
         let versions = Gauge::default();
         let unavailable = Gauge::default();
         let next_rotation = Family::<KeyLabels, Gauge>::default();
+        let waiters = Gauge::default();
         registry.register(
             "requests",
             "HTTP requests by route and status",
@@ -95,6 +106,11 @@ impl Metrics {
             "Seconds until the next timer rotation of each managed key",
             next_rotation.clone(),
         );
+        registry.register(
+            "secrets_waiters",
+            "Secrets requests waiting for a change (If-None-Match with wait)",
+            waiters.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -105,7 +121,14 @@ impl Metrics {
             versions,
             unavailable,
             next_rotation,
+            waiters,
         }
+    }
+
+    /// Marks a long poll as waiting until the guard drops.
+    pub fn waiting(&self) -> Waiting {
+        self.waiters.inc();
+        Waiting(self.waiters.clone())
     }
 
     pub fn observe(&self, route: &'static str, status: u16, seconds: f64) {

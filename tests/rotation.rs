@@ -292,3 +292,30 @@ fn audit_chain_verifies_and_detects_edits_and_deletions() {
     let (ok, out) = audit_verify(&d);
     assert!(!ok && out.contains("sequence 3"), "{out}");
 }
+
+#[test]
+fn secrets_watch_prints_each_new_document() {
+    use std::io::{BufRead, BufReader};
+    let d = Daemon::start_with(Options {
+        versions_per_day: 10,
+        ..Options::default()
+    });
+    assert_eq!(d.create_managed("prod", "PT", 30).status, 201);
+    let mut child = Command::new(BIN)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["secrets", "prod", "PT", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["currentVersion"], 1);
+    for expected in 2..=3 {
+        assert_eq!(d.rotate("prod", "PT").status, 201);
+        let doc: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(doc["currentVersion"], expected);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -35,4 +35,10 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --features test-clock -- -D warnings
 echo "== cargo test"
-cargo test --features test-clock
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --features test-clock 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+# One closing line over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -326,6 +326,7 @@ async fn secrets(app: &App, id: KeyId, req: &Request<Incoming>) -> Result<Respon
     let mut key = app.keyring.key(&id)?;
     if let Some(tag) = &if_none_match {
         let deadline = tokio::time::Instant::now() + wait.unwrap_or_default();
+        let _waiting = (wait.is_some() && key.etag() == *tag).then(|| app.metrics.waiting());
         while key.etag() == *tag {
             tokio::select! {
                 changed = changes.changed(), if wait.is_some() => {
