@@ -10,7 +10,6 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, ETAG, IF_NONE_MATCH};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::json;
 
 use super::admin::{admin, audit, enroll, AdminAction};
@@ -424,7 +423,7 @@ fn json_error(e: serde_json::Error) -> Error {
 
 #[cfg(feature = "test-clock")]
 async fn test_clock(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Response<Body>> {
-    #[derive(Deserialize)]
+    #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Advance {
         advance_seconds: i64,
