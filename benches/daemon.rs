@@ -54,15 +54,6 @@ fn time_start(d: &mut Daemon) -> Duration {
     took
 }
 
-fn rss_kib(d: &Daemon) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn latencies(d: &Daemon, path: &str) -> Vec<Duration> {
     (0..REQUESTS)
         .map(|_| {
@@ -90,7 +81,7 @@ fn daemon() -> Daemon {
 
 fn main() {
     let mut empty = daemon();
-    let empty_rss = rss_kib(&empty);
+    let empty_rss = empty.rss_kib();
     let empty_start = median((0..STARTS).map(|_| time_start(&mut empty)).collect());
     drop(empty);
 
@@ -104,7 +95,7 @@ fn main() {
     let mut d = d;
     let loaded_start = median((0..STARTS).map(|_| time_start(&mut d)).collect());
     let d = d.launch();
-    let loaded_rss = rss_kib(&d);
+    let loaded_rss = d.rss_kib();
 
     let base = latencies(&d, "/v1/nothing");
     let secrets = latencies(&d, &format!("/v1/keys/bench/{}/secrets", COUNTRIES[7]));

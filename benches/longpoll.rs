@@ -41,15 +41,6 @@ fn waiting(d: &Daemon) -> i64 {
         .unwrap_or(-1)
 }
 
-fn rss_kib(d: &Daemon) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     // Each waiter is a socket here and one in the daemon (which inherits this limit).
@@ -68,7 +59,7 @@ fn main() {
     .unwrap();
     let d = d.launch();
     assert_eq!(d.create_managed("bench", "DE", 30).status, 201);
-    let idle_rss = rss_kib(&d);
+    let idle_rss = d.rss_kib();
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     println!(
@@ -94,7 +85,7 @@ fn main() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let rss = rss_kib(&d);
+        let rss = d.rss_kib();
         let t0 = Instant::now();
         assert_eq!(d.rotate("bench", "DE").status, 201);
         let answered = Instant::now();

@@ -533,38 +533,13 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
     let mut versions = Vec::with_capacity(key.versions.len());
     let mut opened = opened.into_iter();
     for v in key.versions {
-        if let Some(stored) = v.aws {
-            let opened = opened.next();
-            let (material, aws) = aws::load_version(&key.id, v.version, &problem, stored, opened)?;
-            versions.push(VersionState {
-                version: v.version,
-                kind: v.kind,
-                created: v.created,
-                origin: v.origin,
-                material,
-                aws,
-            });
-            continue;
-        }
-        let material = match (&problem, opened.next()) {
-            (Some(p), _) => Material::Unavailable(p.clone()),
-            (None, Some(Ok(bytes))) => match DataKey::new(&bytes) {
-                Some(k) => Material::Ready(Arc::new(k)),
-                None => Material::Unavailable(format!(
-                    "integrity check failed for {} version {}: wrong key length",
-                    key.id, v.version
-                )),
-            },
-            (None, Some(Err(HsmError::Integrity))) => {
-                let msg = format!(
-                    "integrity check failed for {} version {}",
-                    key.id, v.version
-                );
-                tracing::error!(env = %key.id.env, country = %key.id.country, version = v.version, "{msg}: the stored wrapped key was altered or moved");
-                Material::Unavailable(msg)
-            }
-            (None, Some(Err(e))) => return Err(e.into()),
-            (None, None) => Material::Unavailable("not unwrapped".into()),
+        let opened = opened.next();
+        let (material, aws) = match v.aws {
+            Some(stored) => aws::load_version(&key.id, v.version, &problem, stored, opened)?,
+            None => (
+                managed_material(&key.id, v.version, &problem, opened)?,
+                None,
+            ),
         };
         versions.push(VersionState {
             version: v.version,
@@ -572,7 +547,7 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
             created: v.created,
             origin: v.origin,
             material,
-            aws: None,
+            aws,
         });
     }
     Ok(KeyState {
@@ -581,5 +556,31 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
         created: key.created,
         problem,
         versions,
+    })
+}
+
+/// A managed version's data key from its unwrap result; a failed tag check makes only this
+/// version unavailable (loudly), an HSM failure stops the load.
+fn managed_material(
+    id: &KeyId,
+    version: u32,
+    problem: &Option<String>,
+    opened: Option<std::result::Result<Zeroizing<Vec<u8>>, HsmError>>,
+) -> Result<Material> {
+    Ok(match (problem, opened) {
+        (Some(p), _) => Material::Unavailable(p.clone()),
+        (None, Some(Ok(bytes))) => match DataKey::new(&bytes) {
+            Some(k) => Material::Ready(Arc::new(k)),
+            None => Material::Unavailable(format!(
+                "integrity check failed for {id} version {version}: wrong key length"
+            )),
+        },
+        (None, Some(Err(HsmError::Integrity))) => {
+            let msg = format!("integrity check failed for {id} version {version}");
+            tracing::error!(env = %id.env, country = %id.country, version, "{msg}: the stored wrapped key was altered or moved");
+            Material::Unavailable(msg)
+        }
+        (None, Some(Err(e))) => return Err(e.into()),
+        (None, None) => Material::Unavailable("not unwrapped".into()),
     })
 }

@@ -291,6 +291,16 @@ impl Daemon {
         }
     }
 
+    /// The daemon's resident memory in KiB (benchmarks).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn running(&self) -> bool {
         self.child.is_some()
     }

@@ -1,15 +1,21 @@
 //! Command line: `serve` runs the daemon; every other command is a client of its socket
 //! (or, for `check-config`, a look at files only).
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use hyper::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use zeroize::Zeroizing;
+
+mod admin;
+mod table;
+
+use admin::{admin, totp_enroll, totp_reset};
+use table::{print_key, print_key_list, text};
 
 use crate::client::{Client, Reply};
 use crate::config::{self, Config};
@@ -215,7 +221,7 @@ fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
 }
 
 #[derive(clap::Args)]
-struct Code {
+pub(super) struct Code {
     /// Verification code (TOTP) for admin changes.
     #[arg(long)]
     code: Option<String>,
@@ -499,119 +505,7 @@ async fn keys(client: &Client, cmd: KeysCmd, as_json: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn admin(
-    client: &Client,
-    method: Method,
-    path: &str,
-    mut body: Value,
-    code: Code,
-) -> anyhow::Result<Reply> {
-    if let Some(obj) = body.as_object_mut() {
-        obj.retain(|_, v| !v.is_null());
-    }
-    let body = body.to_string().into_bytes();
-    let mut code = code.code;
-    loop {
-        let headers: Vec<(&str, &str)> = code
-            .as_deref()
-            .map(|c| vec![("x-verification-code", c)])
-            .unwrap_or_default();
-        let reply = client
-            .request(method.clone(), path, &headers, Some(body.clone()))
-            .await?;
-        if code.is_none() && wants_code(&reply) && std::io::stdin().is_terminal() {
-            code = Some(prompt("Verification code: ")?);
-            continue;
-        }
-        return ok(reply);
-    }
-}
-
-fn wants_code(reply: &Reply) -> bool {
-    reply.status == StatusCode::UNAUTHORIZED
-        && reply
-            .json()
-            .is_ok_and(|d| d["error"]["code"] == "verification_required")
-}
-
-fn prompt(text: &str) -> anyhow::Result<String> {
-    eprint!("{text}");
-    std::io::stderr().flush()?;
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
-    Ok(line.trim().to_string())
-}
-
-async fn totp_enroll(client: &Client, code: Code) -> anyhow::Result<ExitCode> {
-    let headers: Vec<(&str, &str)> = code
-        .code
-        .as_deref()
-        .map(|c| vec![("x-verification-code", c)])
-        .unwrap_or_default();
-    let reply = ok(client
-        .request(
-            Method::POST,
-            "/v1/admin/totp/enroll",
-            &headers,
-            Some(b"{}".to_vec()),
-        )
-        .await?)?;
-    let doc = reply.json()?;
-    let uri = doc["otpauth_uri"].as_str().unwrap_or_default();
-    if std::io::stdout().is_terminal() {
-        if let Ok(qr) = qrcode::QrCode::new(uri.as_bytes()) {
-            println!(
-                "{}",
-                qr.render::<qrcode::render::unicode::Dense1x2>()
-                    .quiet_zone(true)
-                    .build()
-            );
-        }
-    }
-    println!("otpauth URI: {uri}");
-    println!("Add it to your authenticator app, then type the code it shows.");
-    let code = prompt("Code: ")?;
-    let body = json!({ "code": code }).to_string().into_bytes();
-    ok(client
-        .request(Method::POST, "/v1/admin/totp/confirm", &[], Some(body))
-        .await?)?;
-    println!("Enrolled: admin changes by this uid now need a code from this secret.");
-    Ok(ExitCode::SUCCESS)
-}
-
-fn totp_reset(
-    uid: u32,
-    state_dir: Option<PathBuf>,
-    config_path: &Path,
-) -> anyhow::Result<ExitCode> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("totp-reset must run as root");
-    }
-    let dir = match state_dir {
-        Some(d) => d,
-        None => Config::load(config_path)?.state.dir,
-    };
-    // Takes the state lock: refuses while the daemon runs.
-    let store = crate::store::Store::open(&dir)?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let actor = crate::audit::Actor::Peer {
-        uid: nix::unistd::getuid().as_raw(),
-        gid: nix::unistd::getgid().as_raw(),
-        pid: Some(std::process::id() as i32),
-    };
-    let entry = crate::audit::AuditEntry::new(now, &actor, "totp-reset", None).outcome(
-        "ok",
-        format!("offline reset of uid {uid}'s verification secret"),
-    );
-    if store.totp_delete(uid, &entry)? {
-        println!("uid {uid}: verification secret removed; it can enroll again without a code");
-    } else {
-        println!("uid {uid} had no verification secret (the attempt is audited)");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn ok(reply: Reply) -> anyhow::Result<Reply> {
+pub(super) fn ok(reply: Reply) -> anyhow::Result<Reply> {
     if reply.status.is_success() || reply.status == StatusCode::NOT_MODIFIED {
         Ok(reply)
     } else {
@@ -654,106 +548,4 @@ async fn secrets(
             bail!("the daemon sent no ETag; cannot watch");
         }
     }
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
-    let widths: Vec<usize> = headers
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([h.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(headers.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-}
-
-fn print_key(doc: &Value) {
-    println!(
-        "{}/{}  rotation period: {} months",
-        text(&doc["environment"]),
-        text(&doc["country"]),
-        text(&doc["rotation_period_months"])
-    );
-    if let Some(problem) = doc["problem"].as_str() {
-        println!("PROBLEM: {problem}");
-    }
-    let rows: Vec<Vec<String>> = doc["versions"]
-        .as_array()
-        .map(|vs| {
-            vs.iter()
-                .rev()
-                .map(|v| {
-                    vec![
-                        text(&v["version"]),
-                        text(&v["type"]),
-                        text(&v["rotation_period_months"]),
-                        text(&v["created"]),
-                        text(&v["status"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    print_table(
-        &[
-            "VERSION",
-            "TYPE",
-            "ROTATION PERIOD (MONTHS)",
-            "CREATED",
-            "STATUS",
-        ],
-        &rows,
-    );
-}
-
-fn print_key_list(doc: &Value) {
-    let rows: Vec<Vec<String>> = doc["keys"]
-        .as_array()
-        .map(|ks| {
-            ks.iter()
-                .map(|k| {
-                    vec![
-                        text(&k["environment"]),
-                        text(&k["country"]),
-                        text(&k["active_version"]),
-                        text(&k["versions"]),
-                        text(&k["rotation_period_months"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    print_table(
-        &[
-            "ENVIRONMENT",
-            "COUNTRY",
-            "ACTIVE",
-            "VERSIONS",
-            "ROTATION PERIOD (MONTHS)",
-        ],
-        &rows,
-    );
 }
