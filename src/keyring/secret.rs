@@ -90,9 +90,14 @@ impl fmt::Debug for DataKey {
 
 /// Keeps secrets out of core dumps and out of reach of same-uid ptrace.
 pub fn harden_process() {
-    use nix::sys::resource::{setrlimit, Resource};
-    if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
-        tracing::warn!(error = %e, "cannot disable core dumps");
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // Under the unit, LimitCORE=0 has done it already (and the syscall filter refuses
+    // setrlimit): only ask when it is not so.
+    let already_off = getrlimit(Resource::RLIMIT_CORE).is_ok_and(|l| l == (0, 0));
+    if !already_off {
+        if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
+            tracing::warn!(error = %e, "cannot disable core dumps");
+        }
     }
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!(error = %e, "cannot mark the process non-dumpable");
