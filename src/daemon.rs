@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::clock::default_clock;
 use crate::config::{AccessPolicy, Config, VerificationMode};
-use crate::hsm::{Hsm, HsmWorker, Pkcs11Hsm};
+use crate::hsm::{Hsm, HsmThread, HsmWorker, Pkcs11Hsm};
 use crate::keyring::{harden_process, Keyring, RevalidateSettings};
 use crate::kms::AwsKms;
 use crate::metrics::Metrics;
@@ -157,7 +157,7 @@ pub fn read_pin(path: &Path) -> anyhow::Result<Zeroizing<String>> {
 }
 
 /// Opens the HSM on its worker thread.
-pub fn open_hsm(config: &Config) -> anyhow::Result<HsmWorker> {
+pub fn open_hsm(config: &Config) -> anyhow::Result<(HsmWorker, HsmThread)> {
     let pin = read_pin(&config.hsm.pin_path()?)?;
     let module = config.hsm.module.clone();
     let label = config.hsm.token_label.clone();
@@ -187,9 +187,16 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!("verification.mode = \"off\": admin changes need no verification code (development only)");
     }
     systemd::status("opening the HSM");
-    let hsm = open_hsm(&config)?;
-    let store = Arc::new(Store::open(&config.state.dir)?);
-    runtime.block_on(run(config_path, config, log, hsm, store, signals))
+    let (hsm, hsm_thread) = open_hsm(&config)?;
+    let result = match Store::open(&config.state.dir) {
+        Ok(store) => runtime.block_on(run(config_path, config, log, hsm, Arc::new(store), signals)),
+        Err(e) => Err(e),
+    };
+    // Dropping the runtime drops every task, and with them the last HSM handles: the worker
+    // then closes its session and finalizes the module, before the process exits.
+    drop(runtime);
+    hsm_thread.wait(Duration::from_secs(10));
+    result
 }
 
 struct Signals {

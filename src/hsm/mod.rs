@@ -64,6 +64,25 @@ pub trait Hsm: Send {
 
 type Job = Box<dyn FnOnce(&mut dyn Hsm) + Send>;
 
+/// The HSM worker thread, to wait for at exit.
+pub struct HsmThread(std::thread::JoinHandle<()>);
+
+impl HsmThread {
+    /// Waits (at most `limit`) for the thread to close the session and finalize the module,
+    /// which it does once every `HsmWorker` handle is gone.
+    pub fn wait(self, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.0.is_finished() {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!("HSM worker still busy at exit; not waiting longer");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = self.0.join();
+    }
+}
+
 /// Handle to the dedicated HSM thread. Cloning shares the thread.
 #[derive(Clone)]
 pub struct HsmWorker {
@@ -73,14 +92,16 @@ pub struct HsmWorker {
 
 impl HsmWorker {
     /// Starts the worker thread and opens the backend on it; returns once the backend is
-    /// open, or with the error that stopped it.
-    pub fn start<F>(open: F) -> Result<HsmWorker, HsmError>
+    /// open, or with the error that stopped it. The thread closes the session and finalizes
+    /// the module when the last handle is dropped; `HsmThread::wait` lets the process wait
+    /// for that before it exits (a module's own exit-time destructors must not race it).
+    pub fn start<F>(open: F) -> Result<(HsmWorker, HsmThread), HsmError>
     where
         F: FnOnce() -> Result<Box<dyn Hsm>, HsmError> + Send + 'static,
     {
         let (jobs, queue) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("hsm-worker".into())
             .spawn(move || {
                 let mut hsm = match open() {
@@ -102,10 +123,13 @@ impl HsmWorker {
         ready_rx
             .recv()
             .map_err(|_| HsmError::Setup("HSM worker thread ended during start".into()))??;
-        Ok(HsmWorker {
-            jobs,
-            errors: Counter::default(),
-        })
+        Ok((
+            HsmWorker {
+                jobs,
+                errors: Counter::default(),
+            },
+            HsmThread(thread),
+        ))
     }
 
     /// Counts HSM operations that returned an error (for metrics).

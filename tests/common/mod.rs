@@ -329,11 +329,15 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                if !status.success() {
+                    // Shown only when the test fails.
+                    eprintln!("daemon exit: {status}; its log:\n{}", self.log_text());
+                }
                 return status;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("daemon did not stop within 40 s");
+                panic!("daemon did not stop within 40 s:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
