@@ -319,3 +319,17 @@ fn secrets_watch_prints_each_new_document() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn timer_rotations_do_not_count_against_the_daily_limit() {
+    let d = Daemon::start(); // versions_per_day = 1
+    assert_eq!(d.create_managed("prod", "AT", 30).status, 201);
+    d.advance_and_settle(30 * DAY);
+    wait_until("the timer rotation", 10, || {
+        d.versions("prod", "AT").len() == 2
+    });
+    // Same UTC day as the timer's version: the admin's one version of the day is still free.
+    let r = d.rotate("prod", "AT");
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(d.rotate("prod", "AT").status, 429);
+}
