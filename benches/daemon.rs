@@ -66,17 +66,11 @@ fn latencies(d: &Daemon, path: &str) -> Vec<Duration> {
 }
 
 fn daemon() -> Daemon {
-    let d = Daemon::prepare(Options {
+    Daemon::start_with(Options {
         versions_per_day: 1000,
+        log_level: "warn",
         ..Options::default()
-    });
-    let cfg = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(
-        &d.config,
-        cfg.replace("level = \"debug\"", "level = \"warn\""),
-    )
-    .unwrap();
-    d.launch()
+    })
 }
 
 fn main() {

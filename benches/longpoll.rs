@@ -47,17 +47,11 @@ fn main() {
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
-    let d = Daemon::prepare(Options {
+    let d = Daemon::start_with(Options {
         versions_per_day: 1000,
+        log_level: "warn",
         ..Options::default()
     });
-    let cfg = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(
-        &d.config,
-        cfg.replace("level = \"debug\"", "level = \"warn\""),
-    )
-    .unwrap();
-    let d = d.launch();
     assert_eq!(d.create_managed("bench", "DE", 30).status, 201);
     let idle_rss = d.rss_kib();
     let rt = tokio::runtime::Runtime::new().unwrap();

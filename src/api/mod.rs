@@ -8,6 +8,7 @@ pub mod response;
 mod routes;
 
 pub use peer::{Peer, Role};
+pub use routes::VERIFICATION_HEADER;
 
 use std::sync::Arc;
 use std::time::Duration;

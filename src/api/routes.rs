@@ -108,7 +108,9 @@ pub async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match dispatch(&app, &peer, req).await {
+    let route = Route::parse(&path);
+    let name = route.as_ref().map_or("unknown", Route::name);
+    let resp = match dispatch(&app, &peer, route, req).await {
         Ok(resp) => resp,
         Err(e) => {
             if matches!(e, Error::Integrity { .. } | Error::Internal { .. }) {
@@ -117,9 +119,8 @@ pub async fn handle(
             response::error(&e)
         }
     };
-    let route = Route::parse(&path).map_or("unknown", |r| r.name());
     app.metrics.observe(
-        route,
+        name,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
@@ -135,12 +136,16 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn dispatch(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Response<Body>> {
-    let path = req.uri().path().to_string();
-    let Some(route) = Route::parse(&path) else {
+async fn dispatch(
+    app: &App,
+    peer: &Peer,
+    route: Option<Route<'_>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let Some(route) = route else {
         return Err(Error::not_found(
             "not_found",
-            format!("no such path {path}"),
+            format!("no such path {}", req.uri().path()),
         ));
     };
     let method = req.method().clone();
@@ -323,14 +328,16 @@ async fn secrets(app: &App, id: KeyId, req: &Request<Incoming>) -> Result<Respon
     let mut changes = app.keyring.subscribe();
     let mut stopping = app.stopping.subscribe();
     let mut key = app.keyring.key(&id)?;
+    let mut etag = key.etag();
     if let Some(tag) = &if_none_match {
         let deadline = tokio::time::Instant::now() + wait.unwrap_or_default();
-        let _waiting = (wait.is_some() && key.etag() == *tag).then(|| app.metrics.waiting());
-        while key.etag() == *tag {
+        let _waiting = (wait.is_some() && etag == *tag).then(|| app.metrics.waiting());
+        while etag == *tag {
             tokio::select! {
                 changed = changes.changed(), if wait.is_some() => {
                     if changed.is_err() { break; }
                     key = app.keyring.key(&id)?;
+                    etag = key.etag();
                 }
                 _ = tokio::time::sleep_until(deadline) => return Ok(not_modified(tag)),
                 _ = stopping.wait_for(|s| *s) => return Ok(not_modified(tag)),
@@ -339,7 +346,7 @@ async fn secrets(app: &App, id: KeyId, req: &Request<Incoming>) -> Result<Respon
     }
     let doc = key.secrets_document()?;
     let mut resp = response::bytes(StatusCode::OK, Bytes::copy_from_slice(doc.as_bytes()));
-    if let Ok(v) = HeaderValue::from_str(&key.etag()) {
+    if let Ok(v) = HeaderValue::from_str(&etag) {
         resp.headers_mut().insert(ETAG, v);
     }
     Ok(resp)

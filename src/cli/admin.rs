@@ -26,10 +26,7 @@ pub(super) async fn admin(
     let body = body.to_string().into_bytes();
     let mut code = code.code;
     loop {
-        let headers: Vec<(&str, &str)> = code
-            .as_deref()
-            .map(|c| vec![("x-verification-code", c)])
-            .unwrap_or_default();
+        let headers = code_header(code.as_deref());
         let reply = client
             .request(method.clone(), path, &headers, Some(body.clone()))
             .await?;
@@ -39,6 +36,12 @@ pub(super) async fn admin(
         }
         return ok(reply);
     }
+}
+
+/// The verification-code header, when there is a code.
+fn code_header(code: Option<&str>) -> Vec<(&'static str, &str)> {
+    code.map(|c| vec![(crate::api::VERIFICATION_HEADER, c)])
+        .unwrap_or_default()
 }
 
 fn wants_code(reply: &Reply) -> bool {
@@ -57,11 +60,7 @@ fn prompt(text: &str) -> anyhow::Result<String> {
 }
 
 pub(super) async fn totp_enroll(client: &Client, code: Code) -> anyhow::Result<ExitCode> {
-    let headers: Vec<(&str, &str)> = code
-        .code
-        .as_deref()
-        .map(|c| vec![("x-verification-code", c)])
-        .unwrap_or_default();
+    let headers = code_header(code.code.as_deref());
     let reply = ok(client
         .request(
             Method::POST,

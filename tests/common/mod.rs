@@ -139,6 +139,8 @@ pub struct Options {
     pub clock_offset: i64,
     /// verification.mode: "off" (default in tests) or "totp".
     pub verification: &'static str,
+    /// log.level: "debug" in tests (every request logged); benchmarks use "warn".
+    pub log_level: &'static str,
 }
 
 impl Default for Options {
@@ -150,6 +152,7 @@ impl Default for Options {
             extra: String::new(),
             clock_offset: 0,
             verification: "off",
+            log_level: "debug",
         }
     }
 }
@@ -195,7 +198,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "version = 1\n[server]\nsocket = \"{}\"\n[hsm]\nmodule = \"{MODULE}\"\npin_file = \"{}\"\n[state]\ndir = \"{}\"\n[access]\nreaders = [{}]\nadmins = [{}]\n[limits]\nversions_per_day = {}\n[verification]\nmode = \"{}\"\n[log]\nlevel = \"debug\"\n{}",
+                "version = 1\n[server]\nsocket = \"{}\"\n[hsm]\nmodule = \"{MODULE}\"\npin_file = \"{}\"\n[state]\ndir = \"{}\"\n[access]\nreaders = [{}]\nadmins = [{}]\n[limits]\nversions_per_day = {}\n[verification]\nmode = \"{}\"\n[log]\nlevel = \"{}\"\n{}",
                 socket.display(),
                 token.pin_file().display(),
                 tmp.path().join("state").display(),
@@ -203,6 +206,7 @@ impl Daemon {
                 list(&opts.admins),
                 opts.versions_per_day,
                 opts.verification,
+                opts.log_level,
                 opts.extra,
             ),
         )
