@@ -44,6 +44,14 @@ pub struct Server {
     pub socket_mode: u32,
     /// Largest request body in bytes.
     pub max_body: usize,
+    /// Open connections at most; past it a new connection is closed at once.
+    pub max_connections: usize,
+    /// Open connections per peer uid at most, so one uid cannot starve the others.
+    pub max_connections_per_uid: usize,
+    /// A request's headers and body must arrive within this (long-poll waits excluded);
+    /// also how long an idle keep-alive connection stays open.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
 }
 
 impl Default for Server {
@@ -52,6 +60,9 @@ impl Default for Server {
             socket: PathBuf::from(DEFAULT_SOCKET),
             socket_mode: 0o660,
             max_body: 1024 * 1024,
+            max_connections: 4096,
+            max_connections_per_uid: 256,
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -230,6 +241,12 @@ impl Config {
         }
         if self.server.max_body < 1024 {
             bail!("server.max_body must be at least 1024 bytes");
+        }
+        if self.server.max_connections == 0 || self.server.max_connections_per_uid == 0 {
+            bail!("server.max_connections and server.max_connections_per_uid must be at least 1");
+        }
+        if self.server.request_timeout < Duration::from_millis(100) {
+            bail!("server.request_timeout must be at least 100ms");
         }
         if self.hsm.token_label.is_empty() || self.hsm.token_label.len() > 32 {
             bail!("hsm.token_label must be 1 to 32 characters (PKCS#11 label)");

@@ -172,6 +172,7 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     let log = init_logging(&config.log.level);
     harden_process();
+    ensure_fd_limit(config.server.max_connections)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyd-rt")
@@ -197,6 +198,27 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     drop(runtime);
     hsm_thread.wait(Duration::from_secs(10));
     result
+}
+
+/// Descriptors beyond the connections: listener, SQLite (database, WAL, shared memory,
+/// lock), the HSM module, KMS connections, stdio, the runtime's own.
+const FD_HEADROOM: u64 = 128;
+
+/// The daemon must never run out of descriptors before it reaches `server.max_connections`:
+/// raises the soft limit to the hard one, and refuses to start if that is still too low.
+fn ensure_fd_limit(max_connections: usize) -> anyhow::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let need = max_connections as u64 + FD_HEADROOM;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("setrlimit(RLIMIT_NOFILE)")?;
+    }
+    if hard < need {
+        bail!(
+            "the open-file limit is {hard}, but server.max_connections = {max_connections} needs at least {need}: raise LimitNOFILE= (the unit sets 65536) or lower server.max_connections"
+        );
+    }
+    Ok(())
 }
 
 struct Signals {
@@ -323,8 +345,9 @@ async fn on_hangup(app: &Arc<App>, path: &Path, log: &LogHandle) {
 }
 
 /// WATCHDOG=1 at half the interval, sent from a task on the async runtime and only while the
-/// HSM worker thread answers a ping: a wedged runtime or a hung PKCS#11 call stops the pings,
-/// and systemd restarts the daemon. (An HSM that answers with an error is degraded, not hung.)
+/// HSM worker thread takes jobs: a wedged runtime, a hung PKCS#11 call or a dead worker stops
+/// the pings, and systemd restarts the daemon. An HSM that answers with errors is degraded,
+/// not hung: the worker reconnects by itself, which a restart would not do better.
 fn spawn_watchdog(app: Arc<App>, interval: Duration) {
     let period = (interval / 2).max(Duration::from_millis(10));
     tracing::debug!(
@@ -336,8 +359,8 @@ fn spawn_watchdog(app: Arc<App>, interval: Duration) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let ping = app.keyring.hsm().call(|h| h.ping());
-            if tokio::time::timeout(period / 2, ping).await.is_ok() {
+            let alive = app.keyring.hsm().alive();
+            if tokio::time::timeout(period / 2, alive).await == Ok(true) {
                 systemd::watchdog();
             } else {
                 tracing::warn!(

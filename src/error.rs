@@ -18,6 +18,9 @@ pub enum Error {
     /// The request body is larger than the server accepts.
     #[error("{message}")]
     TooLarge { message: String },
+    /// The request did not arrive in time (`server.request_timeout`): send it faster.
+    #[error("{message}")]
+    RequestTimeout { message: String },
     /// The key, version or path does not exist.
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
@@ -31,9 +34,14 @@ pub enum Error {
         message: String,
         retry_after: u64,
     },
-    /// A dependency (HSM, KMS) is unavailable: retry later.
+    /// A dependency (HSM, KMS, the state disk) is unavailable: retry after `retry_after`
+    /// seconds.
     #[error("{message}")]
-    Unavailable { code: &'static str, message: String },
+    Unavailable {
+        code: &'static str,
+        message: String,
+        retry_after: u64,
+    },
     /// Stored data failed an authenticity check: do not retry, page an operator.
     #[error("{message}")]
     Integrity { message: String },
@@ -43,6 +51,10 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `Retry-After` of a 503: long enough for a reconnect or a freed disk, short enough that a
+/// client does not wait on a recovered daemon.
+pub const RETRY_UNAVAILABLE_SECONDS: u64 = 5;
 
 impl Error {
     pub fn bad_input(code: &'static str, message: impl fmt::Display) -> Self {
@@ -67,6 +79,7 @@ impl Error {
         Error::Unavailable {
             code,
             message: message.to_string(),
+            retry_after: RETRY_UNAVAILABLE_SECONDS,
         }
     }
     pub fn integrity(message: impl fmt::Display) -> Self {
@@ -102,6 +115,7 @@ impl Error {
             | Error::Unavailable { code, .. } => code,
             Error::Forbidden { .. } => "forbidden",
             Error::TooLarge { .. } => "body_too_large",
+            Error::RequestTimeout { .. } => "request_timeout",
             Error::Integrity { .. } => "integrity_error",
             Error::Internal { .. } => "internal_error",
         }
@@ -111,6 +125,29 @@ impl Error {
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         // SQLite messages name tables and constraints, never values: safe to pass on.
-        Error::internal(format!("state database: {e}"))
+        if state_unavailable(&e) {
+            Error::unavailable("state_unavailable", format!("state database: {e}"))
+        } else {
+            Error::internal(format!("state database: {e}"))
+        }
     }
+}
+
+/// Failures of the disk or of the database's access to it (full, I/O error, read-only,
+/// locked): they pass when the disk does, so the caller should retry, not report a bug.
+pub fn state_unavailable(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            DiskFull
+                | SystemIoFailure
+                | ReadOnly
+                | DatabaseBusy
+                | DatabaseLocked
+                | CannotOpen
+                | OutOfMemory
+                | FileLockingProtocolFailed
+        )
+    )
 }

@@ -163,6 +163,8 @@ pub struct Store {
     path: PathBuf,
     // Held for the daemon's life: a second daemon on the same state refuses to start.
     _lock: Option<File>,
+    /// Why the last write failed for a reason of the disk; `None` once a write succeeds.
+    unavailable: Mutex<Option<String>>,
 }
 
 impl Store {
@@ -186,11 +188,45 @@ impl Store {
             conn: Mutex::new(conn),
             path,
             _lock: Some(lock),
+            unavailable: Mutex::new(None),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// `Some(reason)` while writes fail for a reason of the disk (full, I/O error,
+    /// read-only); clears at the next write that succeeds.
+    pub fn unavailable(&self) -> Option<String> {
+        self.unavailable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Runs `f` in one immediate transaction and commits it; a failure rolls everything
+    /// back (the transaction is dropped), so nothing is half-written. Tracks whether the
+    /// disk takes writes.
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let result = (|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        let mut health = self.unavailable.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(_) => {
+                if health.take().is_some() {
+                    tracing::info!("state database takes writes again");
+                }
+            }
+            Err(e @ Error::Unavailable { .. }) => *health = Some(e.to_string()),
+            Err(_) => {}
+        }
+        result
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -295,8 +331,7 @@ impl Store {
         v: &StoredVersion,
         audit: &AuditEntry,
     ) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(|tx| {
         let existing: Option<(i64, u32)> = tx
             .query_row(
                 "SELECT id, last_version FROM keys WHERE environment = ?1 AND country = ?2",
@@ -348,9 +383,8 @@ impl Store {
                 v.aws.as_ref().map(|a| a.access_key_id.as_str()),
             ],
         )?;
-        append_audit(&tx, audit)?;
-        tx.commit()?;
-        Ok(())
+        append_audit(tx, audit)
+        })
     }
 
     pub fn set_rotation_period(
@@ -359,18 +393,16 @@ impl Store {
         days: Option<u32>,
         audit: &AuditEntry,
     ) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let n = tx.execute(
-            "UPDATE keys SET rotation_period_days = ?3 WHERE environment = ?1 AND country = ?2",
-            params![id.env, id.country, days],
-        )?;
-        if n == 0 {
-            return Err(Error::not_found("key_not_found", format!("no key {id}")));
-        }
-        append_audit(&tx, audit)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE keys SET rotation_period_days = ?3 WHERE environment = ?1 AND country = ?2",
+                params![id.env, id.country, days],
+            )?;
+            if n == 0 {
+                return Err(Error::not_found("key_not_found", format!("no key {id}")));
+            }
+            append_audit(tx, audit)
+        })
     }
 
     pub fn totp_get(&self, uid: u32) -> Result<Option<StoredTotp>> {
@@ -409,43 +441,38 @@ impl Store {
         created: i64,
         audit: &AuditEntry,
     ) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO totp (uid, iv, sealed, created, last_step) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![uid, &t.iv[..], t.sealed, created, t.last_step as i64],
-        )?;
-        append_audit(&tx, audit)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO totp (uid, iv, sealed, created, last_step) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![uid, &t.iv[..], t.sealed, created, t.last_step as i64],
+            )?;
+            append_audit(tx, audit)
+        })
     }
 
     /// Marks `step` used for `uid`; false when it (or a later step) was used already.
     pub fn totp_use_step(&self, uid: u32, step: u64) -> Result<bool> {
-        let n = self.conn().execute(
-            "UPDATE totp SET last_step = ?2 WHERE uid = ?1 AND last_step < ?2",
-            params![uid, step as i64],
-        )?;
-        Ok(n == 1)
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE totp SET last_step = ?2 WHERE uid = ?1 AND last_step < ?2",
+                params![uid, step as i64],
+            )?;
+            Ok(n == 1)
+        })
     }
 
     /// Removes an admin's secret (offline reset), with its audit entry.
     pub fn totp_delete(&self, uid: u32, audit: &AuditEntry) -> Result<bool> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let n = tx.execute("DELETE FROM totp WHERE uid = ?1", [uid])?;
-        append_audit(&tx, audit)?;
-        tx.commit()?;
-        Ok(n == 1)
+        self.write(|tx| {
+            let n = tx.execute("DELETE FROM totp WHERE uid = ?1", [uid])?;
+            append_audit(tx, audit)?;
+            Ok(n == 1)
+        })
     }
 
     /// Appends one audit entry in its own transaction (refusals, failures).
     pub fn audit(&self, entry: &AuditEntry) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        append_audit(&tx, entry)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| append_audit(tx, entry))
     }
 
     /// Audit entries with `seq > since`, oldest first, at most `limit`.

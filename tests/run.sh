@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(softhsm2 oathtool sqlite3 util-linux systemd procps)
+apt_packages=(softhsm2 oathtool sqlite3 util-linux mount systemd procps python3)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -192,10 +192,17 @@ pub async fn admin(
             }
             _ => "refused",
         };
-        tracing::warn!(
-            uid = peer.uid, pid = peer.pid, action = action.name(), env, country,
-            error = %e, "admin action {outcome}"
-        );
+        if e.code() == "state_unavailable" {
+            tracing::error!(
+                uid = peer.uid, pid = peer.pid, action = action.name(), env, country,
+                error = %e, "admin action {outcome}: the state disk does not take writes"
+            );
+        } else {
+            tracing::warn!(
+                uid = peer.uid, pid = peer.pid, action = action.name(), env, country,
+                error = %e, "admin action {outcome}"
+            );
+        }
         let entry = app
             .keyring
             .audit_entry(&Actor::of(peer), action.name(), id.as_ref().ok())

@@ -2,6 +2,7 @@
 //! request is routed in `routes`, and errors become statuses in `response`.
 
 mod admin;
+mod conn;
 mod peer;
 mod records;
 pub mod response;
@@ -15,7 +16,6 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::UnixListener;
 
@@ -24,10 +24,19 @@ use crate::daemon::App;
 /// How long in-flight requests may take to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(30);
 
+/// The deadline by which a request's body must have arrived (`server.request_timeout`
+/// after its first byte), set on each request for the handlers that read a body.
+#[derive(Clone, Copy)]
+pub(crate) struct BodyDeadline(pub tokio::time::Instant);
+
 /// Accepts connections until `shutdown` resolves, then stops accepting and lets in-flight
-/// requests finish (up to `DRAIN`).
+/// requests finish (up to `DRAIN`). Connections past `server.max_connections` or a uid's
+/// `server.max_connections_per_uid` are refused at accept.
 pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl std::future::Future) {
     let graceful = GracefulShutdown::new();
+    let limiter = Arc::new(conn::Limiter::default());
+    let trimmer = tokio::spawn(conn::trim_after_bursts(limiter.clone()));
+    let mut last_refusal_log: Option<std::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -35,7 +44,7 @@ pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl std::fu
                 let stream = match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        tracing::error!(error = %e, "accept failed");
                         // Out of descriptors and the like: do not spin.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -48,12 +57,37 @@ pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl std::fu
                         continue;
                     }
                 };
+                let server = &app.config.load().server;
+                let timeout = server.request_timeout;
+                let permit = match limiter.admit(peer.uid, server.max_connections, server.max_connections_per_uid) {
+                    Ok(permit) => permit,
+                    Err(why) => {
+                        conn::refuse(stream, &why);
+                        // One line per 10 s at most: a flood must not flood the journal too.
+                        if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            last_refusal_log = Some(std::time::Instant::now());
+                            tracing::warn!(uid = peer.uid, pid = peer.pid, refused_total = limiter.refused(), "connection refused: {why}");
+                        }
+                        continue;
+                    }
+                };
+                let activity = Arc::new(conn::Activity::default());
+                let io = conn::TimedIo::new(stream, activity.clone(), timeout, permit);
                 let app = app.clone();
-                let service = service_fn(move |req| routes::handle(app.clone(), peer.clone(), req));
+                let service = service_fn(move |mut req| {
+                    let (busy, deadline) = activity.enter(timeout);
+                    req.extensions_mut().insert(BodyDeadline(deadline));
+                    let (app, peer) = (app.clone(), peer.clone());
+                    async move {
+                        let _busy = busy;
+                        routes::handle(app, peer, req).await
+                    }
+                });
+                // hyper's own header timer is off: `TimedIo` does its job without closing
+                // on requests that arrived while the daemon could not run.
                 let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service);
+                    .header_read_timeout(None)
+                    .serve_connection(io, service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -65,6 +99,7 @@ pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl std::fu
         }
     }
     drop(listener);
+    trimmer.abort();
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(DRAIN) => tracing::warn!("drain timed out; closing remaining connections"),

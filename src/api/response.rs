@@ -16,6 +16,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
         Error::Forbidden { .. } => StatusCode::FORBIDDEN,
         Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         Error::NotFound { .. } => StatusCode::NOT_FOUND,
         Error::Conflict { .. } => StatusCode::CONFLICT,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -26,7 +27,7 @@ pub fn status_of(e: &Error) -> StatusCode {
 
 pub fn error(e: &Error) -> Response<Body> {
     let mut resp = error_doc(status_of(e), e.code(), &e.to_string());
-    if let Error::RateLimited { retry_after, .. } = e {
+    if let Error::RateLimited { retry_after, .. } | Error::Unavailable { retry_after, .. } = e {
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(*retry_after));
     }

@@ -209,13 +209,15 @@ async fn dispatch(
 }
 
 async fn health(app: &App) -> Response<Body> {
-    let ping =
-        tokio::time::timeout(Duration::from_secs(2), app.keyring.hsm().call(|h| h.ping())).await;
-    let hsm = match ping {
-        Ok(Ok(())) => "ok".to_string(),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "HSM did not answer within 2 s".to_string(),
+    // The ping proves the session against the token; a failure makes the worker reconnect.
+    let hsm = app.keyring.hsm();
+    let ping = tokio::time::timeout(Duration::from_secs(2), hsm.call(|h| h.ping())).await;
+    let hsm_error = match ping {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("HSM did not answer within 2 s".to_string()),
     };
+    let state_error = app.keyring.state_unavailable();
     let snap = app.keyring.snapshot();
     let versions = snap.version_count();
     let unavailable: Vec<String> = snap
@@ -225,24 +227,31 @@ async fn health(app: &App) -> Response<Body> {
     let verification = app.verifier.mode();
     let rotation = app.rotator.view();
     let aws = app.keyring.aws_health();
-    let degraded = hsm != "ok"
+    let degraded = hsm_error.is_some()
+        || state_error.is_some()
         || !unavailable.is_empty()
         || verification == "off"
         || !rotation.failing.is_empty()
         || aws.status == "degraded";
-    response::json(
-        StatusCode::OK,
-        &json!({
-            "status": if degraded { "degraded" } else { "ok" },
-            "hsm": hsm,
-            "keys": snap.keys.len(),
-            "versions": versions,
-            "unavailable_versions": unavailable,
-            "verification": verification,
-            "rotation": rotation,
-            "aws": aws,
-        }),
-    )
+    let mut doc = json!({
+        "status": if degraded { "degraded" } else { "ok" },
+        "hsm": if hsm_error.is_some() { "unavailable" } else { "ok" },
+        "hsm_reconnects": hsm.status().reconnects,
+        "state": if state_error.is_some() { "unavailable" } else { "ok" },
+        "keys": snap.keys.len(),
+        "versions": versions,
+        "unavailable_versions": unavailable,
+        "verification": verification,
+        "rotation": rotation,
+        "aws": aws,
+    });
+    if let Some(e) = hsm_error {
+        doc["hsm_error"] = json!(e);
+    }
+    if let Some(e) = state_error {
+        doc["state_error"] = json!(e);
+    }
+    response::json(StatusCode::OK, &doc)
 }
 
 fn months(days: u32) -> u32 {
@@ -397,9 +406,20 @@ pub(super) async fn read_json<T: DeserializeOwned>(
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), max)
-        .collect()
-        .await
+    let deadline = req.extensions().get::<super::BodyDeadline>().map(|d| d.0);
+    let collect = Limited::new(req.into_body(), max).collect();
+    let collected = match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, collect)
+            .await
+            .map_err(|_| Error::RequestTimeout {
+                message: format!(
+                    "the request body did not arrive within server.request_timeout ({})",
+                    humantime::format_duration(app.config.load().server.request_timeout)
+                ),
+            })?,
+        None => collect.await,
+    };
+    let body = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large()
@@ -408,8 +428,26 @@ pub(super) async fn read_json<T: DeserializeOwned>(
             }
         })?
         .to_bytes();
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Ok(None),
+        // serde's derived structs also read a positional array of their fields: the
+        // contract's bodies are objects, named field by field.
+        Some(b'{') => {}
+        Some(_)
+            if std::str::from_utf8(&body).is_err()
+                || serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() =>
+        {
+            return Err(Error::bad_input(
+                "malformed_json",
+                "request body is not valid JSON",
+            ))
+        }
+        Some(_) => {
+            return Err(Error::bad_input(
+                "invalid_request",
+                "request body must be a JSON object",
+            ))
+        }
     }
     serde_json::from_slice(&body).map(Some).map_err(json_error)
 }

@@ -5,10 +5,12 @@
 //! owns the backend (and with it the logged-in session) and runs jobs sent to it.
 
 mod pkcs11;
+mod softhsm;
 
 pub use pkcs11::Pkcs11Hsm;
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use zeroize::Zeroizing;
@@ -18,10 +20,11 @@ pub const WRAP_IV_LEN: usize = 12;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HsmError {
-    /// The HSM did not answer as it should (session lost, device error): retry later.
+    /// The session, the login or the token is gone (or the worker has not got them back
+    /// yet): retry later; the worker reconnects by itself.
     #[error("HSM unavailable: {0}")]
     Unavailable(String),
-    /// A root key the state refers to is not on the token.
+    /// A root key the state refers to is not on the token (confirmed on a fresh session).
     #[error("root key `{0}` is missing from the HSM token")]
     RootKeyMissing(String),
     /// More than one object carries a root key's label: refuse to guess which.
@@ -30,9 +33,19 @@ pub enum HsmError {
     /// A GCM tag check failed: the wrapped data was altered or belongs elsewhere.
     #[error("authentication tag check failed")]
     Integrity,
+    /// The HSM refused the call's arguments (a bug on our side, not a lost session).
+    #[error("HSM refused the request: {0}")]
+    Rejected(String),
     /// Opening the module, finding the token or logging in failed.
     #[error("{0}")]
     Setup(String),
+}
+
+impl HsmError {
+    /// Whether the session should be thrown away and opened again.
+    fn session_lost(&self) -> bool {
+        matches!(self, HsmError::Unavailable(_) | HsmError::Setup(_))
+    }
 }
 
 /// What the daemon needs from an HSM. Root keys are named by label; they never leave it.
@@ -58,11 +71,36 @@ pub trait Hsm: Send {
         aad: &[u8],
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, HsmError>;
-    /// A cheap call that proves the session and login still hold.
+    /// A call that proves the session, the login and the token still hold.
     fn ping(&mut self) -> Result<(), HsmError>;
+    /// Throws the session away and opens a new one (re-initializing the module if needed),
+    /// logging in again.
+    fn reconnect(&mut self) -> Result<(), HsmError>;
 }
 
-type Job = Box<dyn FnOnce(&mut dyn Hsm) + Send>;
+/// Whether the worker holds a working session, as health shows it.
+#[derive(Debug, Clone, Default)]
+pub struct HsmStatus {
+    /// `None`: connected. `Some(reason)`: the last failure, while reconnecting.
+    pub unavailable: Option<String>,
+    /// Reconnects that succeeded since start.
+    pub reconnects: u64,
+}
+
+/// How a job left the session.
+enum Verdict {
+    Fine,
+    Lost(String),
+}
+
+/// A job gets the HSM (or why there is none) and the status, which it marks before it
+/// answers, so a caller that saw a lost session also sees health say so.
+type Job = Box<dyn FnOnce(Result<&mut dyn Hsm, HsmError>, &Mutex<HsmStatus>) -> Verdict + Send>;
+
+/// Reconnect attempts: soon after a fault, then backing off so a dead HSM is not hammered;
+/// capped so a recovered HSM is back within a few seconds.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(3);
 
 /// The HSM worker thread, to wait for at exit.
 pub struct HsmThread(std::thread::JoinHandle<()>);
@@ -70,14 +108,14 @@ pub struct HsmThread(std::thread::JoinHandle<()>);
 impl HsmThread {
     /// Waits (at most `limit`) for the thread to close the session and finalize the module,
     /// which it does once every `HsmWorker` handle is gone.
-    pub fn wait(self, limit: std::time::Duration) {
-        let deadline = std::time::Instant::now() + limit;
+    pub fn wait(self, limit: Duration) {
+        let deadline = Instant::now() + limit;
         while !self.0.is_finished() {
-            if std::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 tracing::warn!("HSM worker still busy at exit; not waiting longer");
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
         }
         let _ = self.0.join();
     }
@@ -88,6 +126,7 @@ impl HsmThread {
 pub struct HsmWorker {
     jobs: mpsc::Sender<Job>,
     errors: Counter,
+    status: Arc<Mutex<HsmStatus>>,
 }
 
 impl HsmWorker {
@@ -101,10 +140,12 @@ impl HsmWorker {
     {
         let (jobs, queue) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let status = Arc::new(Mutex::new(HsmStatus::default()));
+        let thread_status = status.clone();
         let thread = std::thread::Builder::new()
             .name("hsm-worker".into())
             .spawn(move || {
-                let mut hsm = match open() {
+                let hsm = match open() {
                     Ok(hsm) => {
                         let _ = ready_tx.send(Ok(()));
                         hsm
@@ -114,10 +155,7 @@ impl HsmWorker {
                         return;
                     }
                 };
-                // Ends when every HsmWorker handle is dropped.
-                for job in queue {
-                    job(hsm.as_mut());
-                }
+                work(hsm, &queue, &thread_status);
             })
             .map_err(|e| HsmError::Setup(format!("cannot start HSM worker thread: {e}")))?;
         ready_rx
@@ -127,6 +165,7 @@ impl HsmWorker {
             HsmWorker {
                 jobs,
                 errors: Counter::default(),
+                status,
             },
             HsmThread(thread),
         ))
@@ -137,11 +176,41 @@ impl HsmWorker {
         self.errors.clone()
     }
 
+    /// Whether the worker holds a working session now.
+    pub fn status(&self) -> HsmStatus {
+        lock(&self.status).clone()
+    }
+
     fn count<T>(&self, r: Result<T, HsmError>) -> Result<T, HsmError> {
         if r.is_err() {
             self.errors.inc();
         }
         r
+    }
+
+    /// Wraps `f` into a job that reports its result on `tx` and tells the worker whether
+    /// the session survived it.
+    fn job<T, F>(f: F, tx: impl FnOnce(Result<T, HsmError>) + Send + 'static) -> Job
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Hsm) -> Result<T, HsmError> + Send + 'static,
+    {
+        Box::new(move |hsm, status| {
+            let result = hsm.and_then(f);
+            let verdict = match &result {
+                Err(e) if e.session_lost() => {
+                    lock(status).unavailable = Some(e.to_string());
+                    Verdict::Lost(e.to_string())
+                }
+                _ => Verdict::Fine,
+            };
+            tx(result);
+            verdict
+        })
+    }
+
+    fn stopped() -> HsmError {
+        HsmError::Unavailable("HSM worker thread has stopped".into())
     }
 
     /// Runs `f` on the HSM thread and awaits its result without blocking the runtime.
@@ -152,13 +221,13 @@ impl HsmWorker {
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs
-            .send(Box::new(move |hsm| {
-                let _ = tx.send(f(hsm));
+            .send(Self::job(f, move |r| {
+                let _ = tx.send(r);
             }))
-            .map_err(|_| HsmError::Unavailable("HSM worker thread has stopped".into()))?;
+            .map_err(|_| Self::stopped())?;
         self.count(
             rx.await
-                .map_err(|_| HsmError::Unavailable("HSM worker thread dropped a job".into()))
+                .map_err(|_| HsmError::Unavailable("an HSM job failed; see the log".into()))
                 .and_then(|r| r),
         )
     }
@@ -171,14 +240,115 @@ impl HsmWorker {
     {
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
-            .send(Box::new(move |hsm| {
-                let _ = tx.send(f(hsm));
+            .send(Self::job(f, move |r| {
+                let _ = tx.send(r);
             }))
-            .map_err(|_| HsmError::Unavailable("HSM worker thread has stopped".into()))?;
+            .map_err(|_| Self::stopped())?;
         self.count(
             rx.recv()
-                .map_err(|_| HsmError::Unavailable("HSM worker thread dropped a job".into()))
+                .map_err(|_| HsmError::Unavailable("an HSM job failed; see the log".into()))
                 .and_then(|r| r),
         )
     }
+
+    /// Answers once the worker thread takes jobs, whether or not the HSM is reachable: the
+    /// watchdog's proof that no PKCS#11 call hangs and the thread is alive.
+    pub async fn alive(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.jobs.send(Box::new(move |_, _| {
+            let _ = tx.send(());
+            Verdict::Fine
+        }));
+        sent.is_ok() && rx.await.is_ok()
+    }
 }
+
+fn lock(status: &Mutex<HsmStatus>) -> std::sync::MutexGuard<'_, HsmStatus> {
+    status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The worker loop: runs jobs in order; when a job reports the session lost, answers
+/// further jobs with `Unavailable` and reconnects with backoff until it holds again. A job
+/// that panics is logged and treated as a lost session (its state is unknown). Ends when
+/// every `HsmWorker` handle is dropped.
+fn work(mut hsm: Box<dyn Hsm>, queue: &mpsc::Receiver<Job>, status: &Mutex<HsmStatus>) {
+    // `Some((due, backoff))` while disconnected.
+    let mut reconnect: Option<(Instant, Duration)> = None;
+    loop {
+        let job = match reconnect {
+            None => match queue.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            },
+            Some((due, _)) => {
+                match queue.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        };
+        if let Some((due, backoff)) = reconnect {
+            if Instant::now() >= due {
+                reconnect = try_reconnect(hsm.as_mut(), backoff, status);
+            }
+        }
+        let Some(job) = job else { continue };
+        let input = match reconnect {
+            // The cast shortens the trait object's lifetime to this call.
+            None => Ok(hsm.as_mut() as &mut dyn Hsm),
+            Some(_) => Err(HsmError::Unavailable(
+                lock(status)
+                    .unavailable
+                    .clone()
+                    .unwrap_or_else(|| "reconnecting".into()),
+            )),
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(input, status)));
+        let lost = match outcome {
+            Ok(Verdict::Fine) => None,
+            Ok(Verdict::Lost(reason)) => Some(reason),
+            Err(_) => {
+                tracing::error!("an HSM job panicked; reopening the HSM session");
+                Some("an HSM job panicked".to_string())
+            }
+        };
+        if let (Some(reason), None) = (lost, reconnect) {
+            tracing::error!(
+                reason,
+                "HSM session lost: changes get 503 hsm_unavailable until it is back; loaded keys keep serving"
+            );
+            lock(status).unavailable = Some(reason);
+            reconnect = Some((Instant::now(), RECONNECT_FIRST));
+        }
+    }
+}
+
+/// One reconnect attempt; returns the next schedule, or `None` once connected.
+fn try_reconnect(
+    hsm: &mut dyn Hsm,
+    backoff: Duration,
+    status: &Mutex<HsmStatus>,
+) -> Option<(Instant, Duration)> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hsm.reconnect()))
+        .unwrap_or_else(|_| Err(HsmError::Unavailable("reconnect panicked".into())));
+    match result {
+        Ok(()) => {
+            let mut s = lock(status);
+            s.unavailable = None;
+            s.reconnects += 1;
+            tracing::info!("HSM session re-opened and logged in again");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "HSM reconnect failed");
+            lock(status).unavailable = Some(e.to_string());
+            Some((Instant::now() + backoff, (backoff * 2).min(RECONNECT_MAX)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

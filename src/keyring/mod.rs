@@ -52,6 +52,7 @@ impl From<HsmError> for Error {
             HsmError::RootKeyMissing(_) => Error::unavailable("root_key_missing", e),
             HsmError::DuplicateRootKey(..) => Error::conflict("duplicate_root_key", e),
             HsmError::Integrity => Error::integrity(e),
+            HsmError::Rejected(_) => Error::internal(e),
         }
     }
 }
@@ -338,14 +339,26 @@ impl Keyring {
         let action = entry.action.clone();
         let store = self.store.clone();
         let written = tokio::task::spawn_blocking(move || store.audit(&entry)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            tracing::error!(action, "cannot write audit entry");
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ Error::Unavailable { .. })) => tracing::error!(
+                action,
+                error = %e,
+                "cannot write audit entry: the state is unavailable, so this refusal is recorded only in this log"
+            ),
+            Ok(Err(e)) => tracing::error!(action, error = %e, "cannot write audit entry"),
+            Err(e) => tracing::error!(action, error = %e, "cannot write audit entry"),
         }
     }
 
     /// An audit entry stamped with the keyring's clock.
     pub fn audit_entry(&self, actor: &Actor, action: &str, id: Option<&KeyId>) -> AuditEntry {
         AuditEntry::new(self.clock.now().unix_timestamp(), actor, action, id)
+    }
+
+    /// Why the state does not take writes, while it does not.
+    pub fn state_unavailable(&self) -> Option<String> {
+        self.store.unavailable()
     }
 
     pub fn store(&self) -> &Arc<Store> {

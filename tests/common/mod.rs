@@ -167,6 +167,8 @@ pub struct Daemon {
     pub clock_offset: i64,
     /// Extra environment for the daemon (NOTIFY_SOCKET, CREDENTIALS_DIRECTORY, ...).
     pub env: Vec<(String, OsString)>,
+    /// A command the daemon runs under (`prlimit --nofile=...`, `setpriv ...`).
+    pub prefix: Vec<OsString>,
     child: Option<Child>,
 }
 
@@ -220,12 +222,20 @@ impl Daemon {
             log,
             clock_offset: opts.clock_offset,
             env: Vec::new(),
+            prefix: Vec::new(),
             child: None,
         }
     }
 
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config)

@@ -1,0 +1,233 @@
+//! What the crash test knows about the keys across all cycles, and what it checks after
+//! every restart.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use crate::common::Daemon;
+use crate::support::{audit_verify, secret_fingerprints, try_http};
+
+use super::{Change, Op, Outcome, COUNTRIES, ENV};
+
+/// What the test knows about one key across all cycles.
+#[derive(Default)]
+pub struct KeyModel {
+    /// An acknowledged create, or seen after a restart: must exist from now on.
+    must_exist: bool,
+    /// Versions that must be present from now on (acknowledged, or seen served).
+    durable: BTreeSet<u32>,
+    /// The rotation periods the key may have now: the last acknowledged value plus those
+    /// of later requests that were not acknowledged (a create sets 30). Empty: no key yet.
+    periods: BTreeSet<u32>,
+}
+
+#[derive(Default)]
+pub struct Totals {
+    pub acked_changes: usize,
+    pub acked_reads: usize,
+    pub lost: usize,
+    pub refused_404: usize,
+    pub versions_checked: usize,
+    /// Versions that appeared after a restart without an acknowledgement (committed, but
+    /// the answer was lost to the kill).
+    pub unacked_applied: usize,
+    /// Why the last request of a cycle failed, by kind ("connect", "read", ...).
+    pub lost_by: BTreeMap<String, usize>,
+    pub audit_entries: u64,
+}
+
+/// (country, version) -> fingerprint of the material, over the whole run.
+pub type Fingerprints = HashMap<(&'static str, u32), String>;
+
+fn remember_fingerprint(fps: &mut Fingerprints, country: &'static str, v: u32, fp: String) {
+    match fps.get(&(country, v)) {
+        Some(old) => assert_eq!(
+            old, &fp,
+            "{ENV}/{country} version {v} was served with two different key materials"
+        ),
+        None => {
+            fps.insert((country, v), fp);
+        }
+    }
+}
+
+/// Folds one cycle's operations (in the order they were made) into the model.
+pub fn apply_ops(
+    ops: &[Op],
+    keys: &mut BTreeMap<&'static str, KeyModel>,
+    fps: &mut Fingerprints,
+    totals: &mut Totals,
+) {
+    for op in ops {
+        let k = keys.entry(op.country).or_default();
+        match (&op.outcome, op.change) {
+            (Outcome::Acked(doc), Change::Read) => {
+                totals.acked_reads += 1;
+                for (v, fp) in secret_fingerprints(doc) {
+                    k.durable.insert(v);
+                    remember_fingerprint(fps, op.country, v, fp);
+                }
+                k.must_exist = true;
+            }
+            (Outcome::Acked(doc), Change::Create | Change::Rotate) => {
+                totals.acked_changes += 1;
+                let v = doc["version"].as_u64().expect("version in answer") as u32;
+                if let Some(&max) = k.durable.last() {
+                    assert!(
+                        v > max,
+                        "{ENV}/{} acknowledged version {v}, but version {max} already existed",
+                        op.country
+                    );
+                }
+                k.durable.insert(v);
+                k.must_exist = true;
+                if matches!(op.change, Change::Create) {
+                    k.periods = BTreeSet::from([30]);
+                }
+            }
+            (Outcome::Acked(doc), Change::Settings(days)) => {
+                totals.acked_changes += 1;
+                assert_eq!(
+                    doc["rotation_period_days"], days,
+                    "settings answer for {ENV}/{}",
+                    op.country
+                );
+                k.periods = BTreeSet::from([days]);
+            }
+            (Outcome::Lost(why), change) => {
+                totals.lost += 1;
+                let kind = why
+                    .split([':', '('])
+                    .next()
+                    .unwrap_or(why)
+                    .trim()
+                    .to_string();
+                *totals.lost_by.entry(kind).or_default() += 1;
+                match change {
+                    Change::Create => {
+                        k.periods.insert(30);
+                    }
+                    Change::Settings(days) => {
+                        k.periods.insert(days);
+                    }
+                    Change::Rotate | Change::Read => {}
+                }
+            }
+            (Outcome::Refused(status, text), change) => {
+                // Only "no such key yet" is expected, and only for keys never seen.
+                let not_found = *status == 404 && text.contains("key_not_found");
+                assert!(
+                    not_found && !k.must_exist && !matches!(change, Change::Create),
+                    "{change:?} {ENV}/{} refused: {status} {text}",
+                    op.country
+                );
+                totals.refused_404 += 1;
+            }
+        }
+    }
+}
+
+/// Everything that must hold after a restart.
+pub fn check_state(
+    d: &Daemon,
+    keys: &mut BTreeMap<&'static str, KeyModel>,
+    fps: &mut Fingerprints,
+    totals: &mut Totals,
+) {
+    let get = |path: &str| {
+        let a = try_http(&d.socket, "GET", path, None, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(a.status, 200, "GET {path}: {}", a.text());
+        a.json()
+    };
+
+    // The audit chain, read from the state (read-only) while the daemon runs.
+    let count = audit_verify(d);
+    assert!(
+        count >= totals.audit_entries,
+        "audit entries went from {} to {count}",
+        totals.audit_entries
+    );
+    assert!(
+        count >= totals.acked_changes as u64,
+        "{count} audit entries for {} acknowledged changes",
+        totals.acked_changes
+    );
+    totals.audit_entries = count;
+
+    let list = get("/v1/keys");
+    let present: BTreeSet<String> = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            assert_eq!(k["environment"], ENV, "unexpected key {k}");
+            k["country"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for &country in &COUNTRIES {
+        let k = keys.entry(country).or_default();
+        if !present.contains(country) {
+            assert!(
+                !k.must_exist && k.durable.is_empty(),
+                "{ENV}/{country} is gone after a restart"
+            );
+            continue;
+        }
+        assert!(
+            !k.periods.is_empty(),
+            "{ENV}/{country} exists but no create for it was ever sent"
+        );
+        let doc = get(&format!("/v1/keys/{ENV}/{country}"));
+        let versions: Vec<u32> = doc["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                assert_ne!(
+                    v["status"], "unavailable",
+                    "{ENV}/{country} after a restart: {v}"
+                );
+                v["version"].as_u64().unwrap() as u32
+            })
+            .collect();
+        let n = versions.len() as u32;
+        assert_eq!(
+            versions,
+            (1..=n).collect::<Vec<_>>(),
+            "{ENV}/{country} versions are not 1..=n"
+        );
+        let missing: Vec<u32> = k.durable.range(n + 1..).copied().collect();
+        assert!(
+            missing.is_empty(),
+            "{ENV}/{country}: versions {missing:?} were acknowledged or served, but the key \
+             has only 1..={n} after a restart"
+        );
+        assert_eq!(doc["active_version"], n);
+        let period = doc["rotation_period_days"].as_u64().unwrap() as u32;
+        assert!(
+            k.periods.contains(&period),
+            "{ENV}/{country} has rotation_period_days {period}; possible after the acknowledged \
+             and later unacknowledged settings: {:?}",
+            k.periods
+        );
+
+        let secrets = get(&format!("/v1/keys/{ENV}/{country}/secrets"));
+        assert_eq!(secrets["currentVersion"], n);
+        let served = secret_fingerprints(&secrets);
+        assert_eq!(
+            served.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+            versions,
+            "{ENV}/{country}: served versions differ from the listed ones"
+        );
+        for (v, fp) in served {
+            remember_fingerprint(fps, country, v, fp);
+        }
+        totals.versions_checked += n as usize;
+        totals.unacked_applied += versions.iter().filter(|v| !k.durable.contains(v)).count();
+
+        k.must_exist = true;
+        k.durable = versions.into_iter().collect();
+        k.periods = BTreeSet::from([period]);
+    }
+}

@@ -1,0 +1,302 @@
+//! What the fault tests share: daemon options and checks, `audit verify`, HTTP on a raw
+//! socket, the seeded PRNG, key fingerprints and the SoftHSM token's files.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::common::{Daemon, Options, Reply, BIN};
+
+// ---------------------------------------------------------------------------------------
+// The daemon
+// ---------------------------------------------------------------------------------------
+
+pub fn options() -> Options {
+    Options {
+        versions_per_day: 1000,
+        log_level: "info",
+        ..Options::default()
+    }
+}
+
+/// Adds settings to the config's `[server]` table.
+pub fn server_settings(d: &Daemon, lines: &str) {
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        cfg.replacen("[server]\n", &format!("[server]\n{lines}\n"), 1),
+    )
+    .unwrap();
+}
+
+pub fn health(d: &Daemon) -> Value {
+    d.get("/v1/health").json()
+}
+
+/// Keys are still served while the HSM is away.
+pub fn assert_reads_served(d: &Daemon, expect_versions: usize) {
+    let doc = d.secrets("prod", "DE");
+    assert_eq!(doc["secrets"].as_array().unwrap().len(), expect_versions);
+}
+
+/// Polls rotations until one succeeds; returns how long that took.
+pub fn rotate_until_ok(d: &Daemon, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let r = d.rotate("prod", "DE");
+        if r.status == 201 {
+            return start.elapsed();
+        }
+        assert_eq!(r.status, 503, "while recovering: {}", r.text());
+        assert!(
+            start.elapsed() < limit,
+            "no successful change within {limit:?} of the HSM's return: {}\n{}",
+            r.text(),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `audit verify` on the daemon's state (read-only, so also while it runs): asserts that
+/// the chain is intact and returns how many entries it has.
+pub fn audit_verify(d: &Daemon) -> u64 {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&d.config)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "audit verify failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .strip_prefix("OK: ")
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("audit verify said {stdout:?}"))
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Whether `pid` is alive and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string))
+        })
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
+// ---------------------------------------------------------------------------------------
+// The SoftHSM token
+// ---------------------------------------------------------------------------------------
+
+/// The directory of the one token under `tokens`.
+pub fn token_dir(tokens: &Path) -> PathBuf {
+    std::fs::read_dir(tokens)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
+/// Every file of every token under `tokens` (none where a directory cannot be read).
+pub fn token_files(tokens: &Path) -> Vec<std::fs::DirEntry> {
+    std::fs::read_dir(tokens)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|token| std::fs::read_dir(token.path()).into_iter().flatten())
+        .flatten()
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP on a raw socket
+// ---------------------------------------------------------------------------------------
+
+/// The head of an HTTP response.
+struct Head {
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// Where the body starts in the raw bytes.
+    body_at: usize,
+}
+
+impl Head {
+    fn content_length(&self) -> Option<usize> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+    }
+}
+
+/// The head at the start of `raw`: `Ok(None)` while it is incomplete.
+fn parse_head(raw: &[u8]) -> Result<Option<Head>, String> {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(Some(Head {
+        status,
+        headers,
+        body_at: split + 4,
+    }))
+}
+
+/// One request on a fresh connection that never panics: `Err` when the connection fails or
+/// the answer is incomplete (no head, or fewer body bytes than its Content-Length).
+pub fn try_http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Reply, String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.set_write_timeout(Some(timeout)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if body.is_some() || method != "GET" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.map_or(0, <[u8]>::len)
+        ));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or_default());
+    s.write_all(&bytes).map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    parse_complete(raw)
+}
+
+/// A whole answer read to the end of the connection.
+fn parse_complete(mut raw: Vec<u8>) -> Result<Reply, String> {
+    let head =
+        parse_head(&raw)?.ok_or_else(|| format!("no complete head ({} bytes)", raw.len()))?;
+    let body = raw.split_off(head.body_at);
+    match head.content_length() {
+        Some(n) if n == body.len() => {}
+        Some(n) => return Err(format!("body {} of {n} bytes", body.len())),
+        None if matches!(head.status, 204 | 304) => {}
+        None => return Err("no Content-Length".into()),
+    }
+    Ok(Reply {
+        status: head.status,
+        headers: head.headers,
+        body,
+    })
+}
+
+/// Reads one HTTP response with a Content-Length body from a keep-alive connection.
+pub fn read_response(s: &mut UnixStream) -> std::io::Result<String> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let head = parse_head(&raw).map_err(std::io::Error::other)?;
+        if let Some(head) = head {
+            if raw.len() >= head.body_at + head.content_length().unwrap_or(0) {
+                return Ok(String::from_utf8_lossy(&raw).into_owned());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Randomness and key material
+// ---------------------------------------------------------------------------------------
+
+/// splitmix64: small, deterministic, good enough to pick moments and shapes.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform enough in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// The run's seed: `KEYD_FAULT_SEED` when set (replay), else from the time.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("KEYD_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("{test}: seed {seed} (replay with KEYD_FAULT_SEED={seed})");
+    seed
+}
+
+/// SHA-256 of a served secret (base64 in the document), hex. Keys themselves are never kept.
+fn fingerprint(secret_b64: &str) -> String {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(secret_b64)
+        .expect("secret is base64");
+    hex::encode(Sha256::digest(&raw))
+}
+
+/// (version, fingerprint) of every secret in a secrets document.
+pub fn secret_fingerprints(doc: &Value) -> Vec<(u32, String)> {
+    doc["secrets"]
+        .as_array()
+        .expect("secrets array")
+        .iter()
+        .map(|s| {
+            (
+                s["version"].as_u64().expect("version") as u32,
+                fingerprint(s["secret"].as_str().expect("secret")),
+            )
+        })
+        .collect()
+}

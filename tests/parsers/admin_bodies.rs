@@ -1,0 +1,329 @@
+//! Admin bodies over HTTP: create, settings, rotate and TOTP confirm, against a model of
+//! the contract.
+
+use std::sync::OnceLock;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use serde_json::{json, Value};
+
+use incountry_keyd::clock::Clock;
+
+use crate::bodies::{is_json_refusal, read_body, Read};
+use crate::daemon::{fresh_env, open_daemon, Reply};
+use crate::json::{has_duplicate_keys, shape_faults, Ty};
+use crate::strategies::{arb_body_bytes, arb_json, arb_number, config, one_field_changed};
+
+const CREATE_FIELDS: &[(&str, Ty)] = &[
+    ("type", Ty::Str),
+    ("rotation_period_days", Ty::OptU32),
+    ("region", Ty::OptStr),
+    ("encrypted_key", Ty::OptStr),
+    ("cmk_arn", Ty::OptStr),
+    ("access_key_id", Ty::OptStr),
+    ("secret_access_key", Ty::OptStr),
+];
+
+const PERIOD_FIELDS: &[(&str, Ty)] = &[("rotation_period_days", Ty::OptU32)];
+
+const AWS_FIELDS: [&str; 5] = [
+    "region",
+    "encrypted_key",
+    "cmk_arn",
+    "access_key_id",
+    "secret_access_key",
+];
+
+/// What `aws_source` may refuse with (its shape checks; this KMS accepts the rest).
+const AWS_CODES: &[&str] = &[
+    "invalid_rotation_period",
+    "missing_field",
+    "invalid_region",
+    "invalid_cmk_arn",
+    "invalid_encrypted_key",
+    "invalid_access_key_id",
+    "invalid_secret_access_key",
+];
+
+fn arb_period() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        prop::sample::select(vec![
+            json!(30),
+            json!(60),
+            json!(180),
+            json!(360),
+            Value::Null
+        ]),
+        arb_number(),
+        arb_json(),
+    ]
+}
+
+/// A well-formed aws registration (every field inside the shape rules).
+fn arb_aws_fields() -> impl Strategy<Value = Value> {
+    (
+        "[a-z]{2}-[a-z]{4,9}-[1-9]",
+        "[0-9]{12}",
+        "(key/[0-9a-f-]{1,36})|(alias/[A-Za-z0-9_-]{1,20})",
+        prop::collection::vec(any::<u8>(), 1..200),
+        "[A-Z0-9]{16,40}",
+        "[!-~]{1,60}",
+    )
+        .prop_map(|(region, account, key, blob, id, secret)| {
+            json!({
+                "type": "aws",
+                "region": region,
+                "cmk_arn": format!("arn:aws:kms:{region}:{account}:{key}"),
+                "encrypted_key": STANDARD.encode(blob),
+                "access_key_id": id,
+                "secret_access_key": secret,
+            })
+        })
+}
+
+fn arb_create_body() -> impl Strategy<Value = Value> {
+    let managed = arb_period()
+        .prop_map(|p| json!({"type": "incountry-managed", "rotation_period_days": p}))
+        .boxed();
+    prop_oneof![
+        3 => managed.clone(),
+        2 => arb_aws_fields(),
+        // One field changed or added.
+        3 => one_field_changed(prop_oneof![managed, arb_aws_fields()].boxed()),
+        1 => arb_json(),
+    ]
+}
+
+/// What an admin route's body turned out to be.
+enum Parsed {
+    /// Empty or whitespace: the route's "no body" meaning.
+    NoBody,
+    /// Refused for not being a JSON object or for its shape, as checked.
+    Refused,
+    /// Parses into the route's struct; the checks of its values are the caller's.
+    Body(Value),
+}
+
+/// Guards an admin route's body: the rules every body shares (`read_body`: no server
+/// error, a JSON answer, a body that is not an object refused), then an object that does
+/// not parse, or is of the wrong shape (or has a key twice, which serde's typed parse
+/// refuses), is refused with a code of its kind.
+fn check_admin_body(
+    body: &[u8],
+    r: &Reply,
+    fields: &[(&str, Ty)],
+) -> Result<Parsed, TestCaseError> {
+    let v = match read_body(body, r)? {
+        Read::Empty => return Ok(Parsed::NoBody),
+        Read::Refused => return Ok(Parsed::Refused),
+        Read::Broken => {
+            prop_assert!(is_json_refusal(r), "{}", r.after(body));
+            return Ok(Parsed::Refused);
+        }
+        Read::Object(v) => v,
+    };
+    let faults = shape_faults(&v, fields);
+    let duplicates = has_duplicate_keys(body);
+    if faults.is_empty() && !duplicates {
+        return Ok(Parsed::Body(v));
+    }
+    prop_assert!(is_json_refusal(r), "{}", r.after(body));
+    if !duplicates {
+        prop_assert!(
+            faults.contains(r.code().as_str()),
+            "want {:?}: {}",
+            faults,
+            r.after(body)
+        );
+    }
+    Ok(Parsed::Refused)
+}
+
+/// Bodies for settings and rotate: `{"rotation_period_days": ...}` or any JSON, as bytes.
+fn arb_period_body() -> impl Strategy<Value = Vec<u8>> {
+    arb_body_bytes(prop_oneof![
+        arb_period().prop_map(|p| json!({ "rotation_period_days": p })),
+        arb_json(),
+    ])
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    /// Guards the create body (`POST /v1/keys/{env}/{country}`, each case on a new key):
+    /// no body → missing_body; not JSON, not an object or the wrong shape (unknown field,
+    /// `type` missing or not a string, a string field of another type, rotation_period_days
+    /// negative, fractional or over u32) → the 400 of its kind; a managed key needs a period
+    /// of 30/60/180/360 and no aws field, and is created with exactly the period written; an
+    /// aws key with well-formed fields is registered as type aws; any other type is
+    /// invalid_type. Fails on a panic, a 5xx, or a key created with other values than the
+    /// body's.
+    #[test]
+    fn create_bodies_follow_the_contract(
+        body in arb_body_bytes(arb_create_body()),
+    ) {
+        let d = open_daemon();
+        let path = format!("/v1/keys/{}/DE", fresh_env("create"));
+        let r = d.request("POST", &path, &[], &body);
+        let ctx = || r.after(&body);
+        let v = match check_admin_body(&body, &r, CREATE_FIELDS)? {
+            Parsed::Refused => return Ok(()),
+            Parsed::NoBody => {
+                prop_assert_eq!((r.status, r.code()), (400, "missing_body".into()), "{}", ctx());
+                return Ok(());
+            }
+            Parsed::Body(v) => v,
+        };
+        let aws_given = AWS_FIELDS.iter().any(|f| !v.get(*f).unwrap_or(&Value::Null).is_null());
+        let period = v.get("rotation_period_days").and_then(Value::as_u64);
+        match v["type"].as_str().unwrap() {
+            "incountry-managed" => {
+                let want = if aws_given {
+                    Some("invalid_request")
+                } else {
+                    match period {
+                        None => Some("missing_rotation_period"),
+                        Some(30 | 60 | 180 | 360) => None,
+                        Some(_) => Some("invalid_rotation_period"),
+                    }
+                };
+                match want {
+                    Some(code) => prop_assert_eq!((r.status, r.code()), (400, code.into()), "{}", ctx()),
+                    None => {
+                        prop_assert_eq!(r.status, 201, "{}", ctx());
+                        let doc = d.key_doc(&path);
+                        prop_assert_eq!(doc["rotation_period_days"].as_u64(), period, "{}", ctx());
+                        prop_assert_eq!(&doc["versions"][0]["type"], "incountry-managed", "{}", ctx());
+                    }
+                }
+            }
+            "aws" => {
+                if r.status == 201 {
+                    let doc = d.key_doc(&path);
+                    prop_assert_eq!(&doc["versions"][0]["type"], "aws", "{}", ctx());
+                    prop_assert!(period.is_none(), "{}", ctx());
+                } else {
+                    prop_assert!(r.status == 400 && AWS_CODES.contains(&r.code().as_str()), "{}", ctx());
+                }
+            }
+            _ => prop_assert_eq!((r.status, r.code()), (400, "invalid_type".into()), "{}", ctx()),
+        }
+    }
+
+    /// Guards well-formed aws registrations: every body inside the shape rules (region,
+    /// ARN in that region, base64 blob of 1-6144 bytes, access key id, printable secret)
+    /// is accepted and registered as an aws version. Fails if a shape rule refuses valid
+    /// input.
+    #[test]
+    fn well_formed_aws_bodies_register(body in arb_aws_fields()) {
+        let d = open_daemon();
+        let path = format!("/v1/keys/{}/DE", fresh_env("aws"));
+        let r = d.post(&path, &body);
+        prop_assert_eq!(r.status, 201, "{} -> {}", body, String::from_utf8_lossy(&r.body));
+        prop_assert_eq!(&d.key_doc(&path)["versions"][0]["type"], "aws");
+    }
+
+    /// Guards the settings body (`PATCH /v1/keys/{env}/{country}`): no body, `{}` or a null
+    /// period → missing_rotation_period; wrong shape or a number outside u32 → 400
+    /// invalid_request / unknown_field; a u32 not in 30/60/180/360 → invalid_rotation_period;
+    /// an allowed period is stored exactly as written.
+    #[test]
+    fn settings_bodies_follow_the_contract(
+        body in arb_period_body(),
+    ) {
+        let d = open_daemon();
+        let path = settings_key();
+        let _one_at_a_time = d.exclusive();
+        let r = d.request("PATCH", path, &[], &body);
+        let ctx = || r.after(&body);
+        let period = match check_admin_body(&body, &r, PERIOD_FIELDS)? {
+            Parsed::Refused => return Ok(()),
+            Parsed::NoBody => None,
+            Parsed::Body(v) => v["rotation_period_days"].as_u64(),
+        };
+        match period {
+            None => prop_assert_eq!((r.status, r.code()), (400, "missing_rotation_period".into()), "{}", ctx()),
+            Some(p @ (30 | 60 | 180 | 360)) => {
+                prop_assert_eq!(r.status, 200, "{}", ctx());
+                prop_assert_eq!(r.json().unwrap()["rotation_period_days"].as_u64(), Some(p), "{}", ctx());
+                prop_assert_eq!(d.key_doc(path)["rotation_period_days"].as_u64(), Some(p));
+            }
+            Some(_) => prop_assert_eq!((r.status, r.code()), (400, "invalid_rotation_period".into()), "{}", ctx()),
+        }
+    }
+
+    /// Guards the rotate body (`POST .../rotate`): no body or `{}` → a new version with the
+    /// period kept; an allowed period → a new version and that period; otherwise refused
+    /// like settings, with no version made.
+    #[test]
+    fn rotate_bodies_follow_the_contract(
+        body in arb_period_body(),
+    ) {
+        let d = open_daemon();
+        let path = rotate_key();
+        // A new UTC day per case: limits.versions_per_day never ends a long run.
+        d.clock.advance(86_400);
+        let before = d.key_doc(path);
+        let r = d.request("POST", &format!("{path}/rotate"), &[], &body);
+        let ctx = || r.after(&body);
+        let after = d.key_doc(path);
+        let versions = |doc: &Value| doc["versions"].as_array().unwrap().len();
+        let period = match check_admin_body(&body, &r, PERIOD_FIELDS)? {
+            Parsed::Refused => {
+                prop_assert_eq!(versions(&after), versions(&before), "refused but rotated: {}", ctx());
+                return Ok(());
+            }
+            Parsed::NoBody => None,
+            Parsed::Body(v) => v["rotation_period_days"].as_u64(),
+        };
+        match period {
+            None | Some(30 | 60 | 180 | 360) => {
+                prop_assert_eq!(r.status, 201, "{}", ctx());
+                prop_assert_eq!(versions(&after), versions(&before) + 1, "{}", ctx());
+                let kept = before["rotation_period_days"].as_u64();
+                prop_assert_eq!(after["rotation_period_days"].as_u64(), period.or(kept), "{}", ctx());
+            }
+            Some(_) => {
+                prop_assert_eq!((r.status, r.code()), (400, "invalid_rotation_period".into()), "{}", ctx());
+                prop_assert_eq!(versions(&after), versions(&before), "{}", ctx());
+            }
+        }
+    }
+
+    /// Guards the TOTP confirmation body (`POST /v1/admin/totp/confirm`): with verification
+    /// off, a body that parses as `{"code": string}` reaches the verifier (409
+    /// verification_off); no body → missing_body; anything else → the 400 of its kind.
+    #[test]
+    fn confirm_bodies_follow_the_contract(
+        body in arb_body_bytes(prop_oneof![
+            any::<String>().prop_map(|c| json!({ "code": c })),
+            arb_json().prop_map(|c| json!({ "code": c })),
+            arb_json(),
+        ]),
+    ) {
+        let d = open_daemon();
+        let r = d.request("POST", "/v1/admin/totp/confirm", &[], &body);
+        let ctx = || r.after(&body);
+        match check_admin_body(&body, &r, &[("code", Ty::Str)])? {
+            Parsed::Refused => {}
+            Parsed::NoBody => prop_assert_eq!((r.status, r.code()), (400, "missing_body".into()), "{}", ctx()),
+            Parsed::Body(_) => prop_assert_eq!((r.status, r.code()), (409, "verification_off".into()), "{}", ctx()),
+        }
+    }
+}
+
+/// The key the settings tests change.
+pub fn settings_key() -> &'static str {
+    static K: OnceLock<()> = OnceLock::new();
+    K.get_or_init(|| open_daemon().create_managed("/v1/keys/settings/DE"));
+    "/v1/keys/settings/DE"
+}
+
+/// The key the rotate tests rotate.
+pub fn rotate_key() -> &'static str {
+    static K: OnceLock<()> = OnceLock::new();
+    K.get_or_init(|| open_daemon().create_managed("/v1/keys/rotate/DE"));
+    "/v1/keys/rotate/DE"
+}

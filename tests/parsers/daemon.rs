@@ -1,0 +1,386 @@
+//! The daemon in this process: the real `api::serve`, `Keyring`, `Verifier` and SQLite
+//! `Store`, with an in-memory AES-GCM HSM, a KMS that accepts everything and a clock that
+//! only moves when a test moves it, on a Unix socket in a temp dir; and an HTTP client.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use aes_gcm::aead::rand_core::RngCore;
+use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use arc_swap::ArcSwap;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use incountry_keyd::api::{self, Peer, Role};
+use incountry_keyd::clock::Clock;
+use incountry_keyd::config::Config;
+use incountry_keyd::daemon::App;
+use incountry_keyd::hsm::{Hsm, HsmError, HsmWorker, WRAP_IV_LEN};
+use incountry_keyd::keyring::Keyring;
+use incountry_keyd::kms::{AwsKeyRef, DecryptFuture, KmsDecrypt};
+use incountry_keyd::metrics::Metrics;
+use incountry_keyd::rotation::RotatorStatus;
+use incountry_keyd::store::Store;
+use incountry_keyd::verify::Verifier;
+
+/// AES-256-GCM root keys in memory, with the `Hsm` trait's error semantics.
+#[derive(Default)]
+struct MemoryHsm {
+    roots: HashMap<String, [u8; 32]>,
+}
+
+impl MemoryHsm {
+    fn cipher(&self, label: &str) -> Result<Aes256Gcm, HsmError> {
+        let key = self
+            .roots
+            .get(label)
+            .ok_or_else(|| HsmError::RootKeyMissing(label.to_string()))?;
+        Ok(Aes256Gcm::new(key.into()))
+    }
+}
+
+impl Hsm for MemoryHsm {
+    fn ensure_root_key(&mut self, label: &str, create: bool) -> Result<bool, HsmError> {
+        if self.roots.contains_key(label) {
+            return Ok(false);
+        }
+        if !create {
+            return Err(HsmError::RootKeyMissing(label.to_string()));
+        }
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        self.roots.insert(label.to_string(), key);
+        Ok(true)
+    }
+
+    fn random(&mut self, buf: &mut [u8]) -> Result<(), HsmError> {
+        OsRng.fill_bytes(buf);
+        Ok(())
+    }
+
+    fn seal(
+        &mut self,
+        label: &str,
+        iv: &[u8; WRAP_IV_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        self.cipher(label)?
+            .encrypt(
+                Nonce::from_slice(iv),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .map_err(|_| HsmError::Unavailable("seal".into()))
+    }
+
+    fn open(
+        &mut self,
+        label: &str,
+        iv: &[u8; WRAP_IV_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        self.cipher(label)?
+            .decrypt(Nonce::from_slice(iv), Payload { msg: sealed, aad })
+            .map(Zeroizing::new)
+            .map_err(|_| HsmError::Integrity)
+    }
+
+    fn ping(&mut self) -> Result<(), HsmError> {
+        Ok(())
+    }
+
+    fn reconnect(&mut self) -> Result<(), HsmError> {
+        Ok(())
+    }
+}
+
+/// A KMS that decrypts every registration to the same 32 bytes.
+struct AcceptingKms;
+
+impl KmsDecrypt for AcceptingKms {
+    fn decrypt<'a>(&'a self, _key: &'a AwsKeyRef) -> DecryptFuture<'a> {
+        Box::pin(async { Ok(Zeroizing::new(vec![0x5a; 32])) })
+    }
+}
+
+/// Time that moves only when a test moves it (TOTP windows must not shift mid-case).
+pub struct ManualClock {
+    unix: AtomicI64,
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(self.unix.load(Ordering::SeqCst)).unwrap()
+    }
+    fn advance(&self, seconds: i64) -> bool {
+        self.unix.fetch_add(seconds, Ordering::SeqCst);
+        true
+    }
+}
+
+pub struct Daemon {
+    socket: PathBuf,
+    pub app: Arc<App>,
+    pub clock: Arc<ManualClock>,
+    pub runtime: tokio::runtime::Runtime,
+    /// Serializes the tests that move the clock or count wrong codes.
+    exclusive: Mutex<()>,
+}
+
+/// Removes `dir` when the process exits: the daemons live in statics, which are never
+/// dropped, so a `TempDir` guard would never run.
+fn remove_at_exit(dir: PathBuf) {
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn clean() {
+        let dirs = std::mem::take(&mut *DIRS.lock().unwrap_or_else(|p| p.into_inner()));
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir);
+    // SAFETY: `clean` is a plain function that neither unwinds nor calls exit.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(clean);
+    });
+}
+
+impl Daemon {
+    pub fn start(verification: &str) -> Daemon {
+        // Under the target's scratch dir (what a killed run leaves stays there).
+        let dir = tempfile::Builder::new()
+            .prefix("parsers-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap()
+            .keep();
+        remove_at_exit(dir.clone());
+        let socket = dir.join("keyd.sock");
+        let uid = nix::unistd::getuid().as_raw();
+        let config = Config::parse(&format!(
+            "version = 1\n\
+             [server]\nsocket = {socket:?}\n\
+             [access]\nadmins = [\"uid:{uid}\"]\n\
+             [limits]\nversions_per_day = 1000\n\
+             [verification]\nmode = \"{verification}\"\n"
+        ))
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        // A fixed, whole-minute start: TOTP steps line up with the clock's moves.
+        let start = OffsetDateTime::now_utc().unix_timestamp() / 60 * 60;
+        let clock = Arc::new(ManualClock {
+            unix: AtomicI64::new(start),
+        });
+        let (hsm, hsm_thread) =
+            HsmWorker::start(|| Ok(Box::new(MemoryHsm::default()) as Box<dyn Hsm>)).unwrap();
+        // The worker ends with the process.
+        std::mem::forget(hsm_thread);
+        let store = Arc::new(Store::open(&dir.join("state")).unwrap());
+        let app = runtime.block_on(async {
+            let keyring = Keyring::load(
+                store.clone(),
+                hsm.clone(),
+                clock.clone(),
+                Arc::new(AcceptingKms),
+            )
+            .await
+            .unwrap();
+            let verifier = Verifier::new(config.verification.mode, store, hsm, clock.clone());
+            Arc::new(App {
+                metrics: Metrics::new(keyring.hsm().error_counter()),
+                keyring,
+                access: ArcSwap::from_pointee(config.access_policy().unwrap()),
+                config: ArcSwap::from_pointee(config),
+                verifier,
+                stopping: tokio::sync::watch::channel(false).0,
+                rotator: RotatorStatus::default(),
+                clock_changed: tokio::sync::watch::channel(0).0,
+            })
+        });
+        let listener = {
+            let _rt = runtime.enter();
+            tokio::net::UnixListener::bind(&socket).unwrap()
+        };
+        runtime.spawn(api::serve(
+            app.clone(),
+            listener,
+            std::future::pending::<()>(),
+        ));
+        Daemon {
+            socket,
+            app,
+            clock,
+            runtime,
+            exclusive: Mutex::new(()),
+        }
+    }
+
+    pub fn exclusive(&self) -> MutexGuard<'_, ()> {
+        self.exclusive.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.unix.load(Ordering::SeqCst)
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+    ) -> Reply {
+        http(&self.socket, method, path, headers, body)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Reply {
+        self.request("POST", path, &[], body.to_string().as_bytes())
+    }
+
+    /// Creates an incountry-managed key with a 30-day period at `path` (/v1/keys/{env}/{c}).
+    pub fn create_managed(&self, path: &str) {
+        self.post(
+            path,
+            &json!({"type": "incountry-managed", "rotation_period_days": 30}),
+        )
+        .ok(201);
+    }
+
+    /// The key document at `path`, for what a change wrote.
+    pub fn key_doc(&self, path: &str) -> Value {
+        self.request("GET", path, &[], b"").ok(200)
+    }
+
+    /// The data keys of a key, by version, from its secrets document.
+    pub fn data_keys(&self, env: &str, country: &str) -> HashMap<u32, [u8; 32]> {
+        let doc = self.key_doc(&format!("/v1/keys/{env}/{country}/secrets"));
+        doc["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let key = STANDARD.decode(s["secret"].as_str().unwrap()).unwrap();
+                (
+                    s["version"].as_u64().unwrap() as u32,
+                    key.try_into().unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Verification off: the body tests.
+pub fn open_daemon() -> &'static Daemon {
+    static D: OnceLock<Daemon> = OnceLock::new();
+    D.get_or_init(|| Daemon::start("off"))
+}
+
+/// A fresh environment name per call, so that creates never meet an existing key.
+pub fn fresh_env(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}{}", N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// This process as the daemon sees it over the socket.
+pub fn me() -> Peer {
+    Peer {
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+        pid: None,
+        groups: vec![],
+        role: Role::Admin,
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+    pub fn code(&self) -> String {
+        self.json()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+    pub fn ok(&self, status: u16) -> Value {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self.json().expect("JSON body")
+    }
+    /// `sent -> status answer`, for failure messages.
+    pub fn after(&self, sent: &[u8]) -> String {
+        format!(
+            "{:?} -> {} {}",
+            String::from_utf8_lossy(sent),
+            self.status,
+            String::from_utf8_lossy(&self.body)
+        )
+    }
+}
+
+/// One HTTP/1.1 request on its own connection. A connection closed without an answer (what
+/// a panicking handler leaves) fails the caller.
+fn http(socket: &Path, method: &str, path: &str, headers: &[(&str, &[u8])], body: &[u8]) -> Reply {
+    let mut s = UnixStream::connect(socket).expect("connect to the daemon");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for (name, value) in headers {
+        req.extend_from_slice(name.as_bytes());
+        req.extend_from_slice(b": ");
+        req.extend_from_slice(value);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    // The daemon may answer (and close) before reading everything.
+    let _ = s.write_all(&req);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "no answer to {method} {path} (connection dropped: a panic?); body {:?}",
+                String::from_utf8_lossy(body)
+            )
+        });
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    Reply {
+        status,
+        body: raw[split + 4..].to_vec(),
+    }
+}
