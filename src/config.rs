@@ -12,6 +12,9 @@ use serde::{Deserialize, Deserializer};
 pub const DEFAULT_PATH: &str = "/etc/incountry-keyd/keyd.toml";
 pub const DEFAULT_SOCKET: &str = "/run/incountry-keyd/keyd.sock";
 pub const ALLOWED_VERSIONS_PER_DAY: std::ops::RangeInclusive<u32> = 1..=1000;
+/// The longest duration any setting takes (30 days): every duration is added to the
+/// monotonic clock somewhere, and a larger one could overflow it.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,6 +223,12 @@ impl Config {
         Self::parse(&text).with_context(|| format!("config {}", path.display()))
     }
 
+    /// Loads the daemon's config, refusing a file that others could have changed.
+    pub fn load_for_daemon(path: &Path) -> anyhow::Result<Config> {
+        check_not_writable_by_others(path, "config")?;
+        Self::load(path)
+    }
+
     pub fn parse(text: &str) -> anyhow::Result<Config> {
         let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         cfg.validate()?;
@@ -248,11 +257,30 @@ impl Config {
         if self.server.request_timeout < Duration::from_millis(100) {
             bail!("server.request_timeout must be at least 100ms");
         }
+        for (name, d) in [
+            ("server.request_timeout", self.server.request_timeout),
+            ("aws.revalidate_interval", self.aws.revalidate_interval),
+            ("aws.max_stale", self.aws.max_stale),
+            ("aws.request_timeout", self.aws.request_timeout),
+        ] {
+            if d > MAX_DURATION {
+                bail!(
+                    "{name} = {} is longer than the most allowed, 30 days",
+                    humantime::format_duration(d)
+                );
+            }
+        }
         if self.hsm.token_label.is_empty() || self.hsm.token_label.len() > 32 {
             bail!("hsm.token_label must be 1 to 32 characters (PKCS#11 label)");
         }
         if self.aws.revalidate_interval < Duration::from_secs(1) {
             bail!("aws.revalidate_interval must be at least 1s");
+        }
+        if self.aws.request_timeout < Duration::from_millis(100) {
+            bail!("aws.request_timeout must be at least 100ms");
+        }
+        if let Some(url) = &self.aws.endpoint_url {
+            check_endpoint_url(url)?;
         }
         self.log
             .level
@@ -269,6 +297,36 @@ impl Config {
             admins: Principals::resolve(&self.access.admins).context("access.admins")?,
         })
     }
+}
+
+/// `aws.endpoint_url` must be `https://`, or `http://` to this host only (127.0.0.0/8, ::1,
+/// localhost): over plain HTTP the signed request and the data key KMS returns would cross
+/// the network in clear.
+fn check_endpoint_url(url: &str) -> anyhow::Result<()> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("aws.endpoint_url `{url}` is not a URL: {e}"))?;
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("aws.endpoint_url `{url}` has no host"))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if is_loopback_host(host) => Ok(()),
+        Some("http") => bail!(
+            "aws.endpoint_url `{url}`: plain http is allowed only to a loopback host (127.0.0.0/8, ::1, localhost); use https"
+        ),
+        _ => bail!("aws.endpoint_url `{url}` must start with https:// (or http:// to a loopback host)"),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Resolved access lists, checked against each connection's peer credentials.
@@ -328,6 +386,30 @@ impl Principals {
     }
 }
 
+/// Refuses a file (or directory) that a user other than root and the daemon's own could
+/// have written: owned by another user, or writable by its group or by everyone.
+pub fn check_not_writable_by_others(path: &Path, what: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != euid {
+        bail!(
+            "{what} {} is owned by uid {}, not by root or this daemon's user (uid {euid}): chown it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        bail!(
+            "{what} {} is writable by its group or by others (mode {mode:04o}): chmod go-w it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +438,63 @@ mod tests {
         assert!(Config::parse("version = 1\n[access]\nadmins=[\"bob\"]\n").is_err());
         assert!(Config::parse("version = 1\n[server]\nsocket_mode=\"99\"\n").is_err());
         assert!(Config::parse("version = 1\n[aws]\nmax_stale=\"soon\"\n").is_err());
+    }
+
+    #[test]
+    fn endpoint_url_http_only_to_loopback() {
+        let with =
+            |url: &str| Config::parse(&format!("version = 1\n[aws]\nendpoint_url = \"{url}\"\n"));
+        for ok in [
+            "https://kms.eu-central-1.amazonaws.com",
+            "https://10.0.0.5:8443/",
+            "http://127.0.0.1:5000",
+            "http://127.8.9.10",
+            "http://localhost:4566",
+            "http://LOCALHOST",
+            "http://[::1]:5000",
+        ] {
+            assert!(with(ok).is_ok(), "{ok}: {:#}", with(ok).unwrap_err());
+        }
+        for bad in [
+            "http://10.0.0.5:5000",
+            "http://kms.example.com",
+            "http://localhost.example.com",
+            "http://127.0.0.1.nip.io",
+            "http://127.0.0.1@kms.example.com",
+            "http://[::2]",
+            "http://0.0.0.0:5000",
+            "ftp://127.0.0.1",
+            "kms.example.com",
+            "not a url",
+        ] {
+            let err = with(bad).expect_err(bad);
+            assert!(
+                format!("{err:#}").contains("aws.endpoint_url"),
+                "{bad}: {err:#}"
+            );
+        }
+        let err = with("http://10.0.0.5").unwrap_err();
+        assert!(format!("{err:#}").contains("loopback"), "{err:#}");
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        for field in ["revalidate_interval", "max_stale", "request_timeout"] {
+            let err = Config::parse(&format!(
+                "version = 1\n[aws]\n{field} = \"1000000000years\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                format!("{err:#}").contains(&format!("aws.{field}")),
+                "{err:#}"
+            );
+            assert!(format!("{err:#}").contains("30 days"), "{err:#}");
+            let err =
+                Config::parse(&format!("version = 1\n[aws]\n{field} = \"31d\"\n")).unwrap_err();
+            assert!(format!("{err:#}").contains("30 days"), "{err:#}");
+            Config::parse(&format!("version = 1\n[aws]\n{field} = \"30d\"\n")).unwrap();
+        }
+        assert!(Config::parse("version = 1\n[server]\nrequest_timeout = \"400d\"\n").is_err());
     }
 
     #[test]

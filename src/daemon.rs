@@ -36,9 +36,28 @@ pub struct App {
     pub rotator: RotatorStatus,
     /// Bumped when the (test) clock moves: wakes the rotator and the KMS revalidation.
     pub clock_changed: tokio::sync::watch::Sender<u64>,
+    /// Bumped when a reload changes the access lists: long polls check their peer again.
+    pub access_changed: tokio::sync::watch::Sender<u64>,
+    /// Refusals of peers without a role, summarized for the audit log.
+    pub refusals: crate::api::Refusals,
 }
 
 impl App {
+    pub fn new(keyring: Keyring, config: Config, verifier: Verifier) -> anyhow::Result<App> {
+        Ok(App {
+            metrics: Metrics::new(keyring.hsm().error_counter()),
+            keyring,
+            access: ArcSwap::from_pointee(config.access_policy()?),
+            config: ArcSwap::from_pointee(config),
+            verifier,
+            stopping: tokio::sync::watch::channel(false).0,
+            rotator: RotatorStatus::default(),
+            clock_changed: tokio::sync::watch::channel(0).0,
+            access_changed: tokio::sync::watch::channel(0).0,
+            refusals: crate::api::Refusals::default(),
+        })
+    }
+
     /// The test clock moved: wake whatever waits on time.
     pub fn on_clock_change(&self) {
         self.clock_changed.send_modify(|n| *n += 1);
@@ -64,13 +83,32 @@ const NOISY_CRATES: &[&str] = &[
 
 /// The tracing filter for a configured `log.level`.
 pub fn log_filter(level: &str) -> anyhow::Result<EnvFilter> {
+    let directives = capped_directives(level);
+    EnvFilter::try_new(&directives).with_context(|| format!("log.level `{level}`"))
+}
+
+/// `level` with an `info` cap added for each noisy crate that no directive of it names.
+fn capped_directives(level: &str) -> String {
     let mut directives = level.to_string();
     for krate in NOISY_CRATES {
-        if !level.contains(krate) {
+        if !names_crate(level, krate) {
             directives.push_str(&format!(",{krate}=info"));
         }
     }
-    EnvFilter::try_new(&directives).with_context(|| format!("log.level `{level}`"))
+    directives
+}
+
+/// Whether a directive of `level` targets `krate` itself or one of its modules: the target
+/// (before `[` or `=`) is `krate` or starts with `krate::`. A mere substring does not count
+/// (`aws_smithy_runtime_api` names not `aws_smithy_runtime`).
+fn names_crate(level: &str, krate: &str) -> bool {
+    level.split(',').any(|directive| {
+        let target = directive.split(['[', '=']).next().unwrap_or("").trim();
+        target == krate
+            || target
+                .strip_prefix(krate)
+                .is_some_and(|rest| rest.starts_with("::"))
+    })
 }
 
 /// Logs to stderr, one line per event with level and key=value fields, colours only on a
@@ -138,6 +176,7 @@ where
 pub fn read_pin(path: &Path) -> anyhow::Result<Zeroizing<String>> {
     let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read HSM PIN file {}", path.display()))?;
+    crate::config::check_not_writable_by_others(path, "HSM PIN file")?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o007 != 0 {
         bail!(
@@ -169,7 +208,7 @@ pub fn open_hsm(config: &Config) -> anyhow::Result<(HsmWorker, HsmThread)> {
 }
 
 pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&config_path)?;
+    let config = Config::load_for_daemon(&config_path)?;
     let log = init_logging(&config.log.level);
     harden_process();
     ensure_fd_limit(config.server.max_connections)?;
@@ -265,17 +304,7 @@ async fn run(
         tracing::debug!("socket from systemd: server.socket and server.socket_mode are not used");
     }
     let listener = tokio::net::UnixListener::from_std(listener)?;
-    let access = config.access_policy()?;
-    let app = Arc::new(App {
-        metrics: Metrics::new(keyring.hsm().error_counter()),
-        keyring,
-        access: ArcSwap::from_pointee(access),
-        config: ArcSwap::from_pointee(config),
-        verifier,
-        stopping: tokio::sync::watch::channel(false).0,
-        rotator: RotatorStatus::default(),
-        clock_changed: tokio::sync::watch::channel(0).0,
-    });
+    let app = Arc::new(App::new(keyring, config, verifier)?);
     // Customer-supplied keys: checked with KMS now (bounded, so an unreachable KMS does not
     // hold up the keys that need no KMS), then on a schedule.
     let (first_pass_tx, first_pass) = tokio::sync::oneshot::channel();
@@ -317,7 +346,17 @@ async fn run(
             app.stopping.send_replace(true);
         }
     };
-    api::serve(app, listener, shutdown).await;
+    api::serve(app.clone(), listener, shutdown).await;
+    // Exact encryption counts replace the reserved ones (see keyring::counters).
+    if let Err(e) = app
+        .keyring
+        .records()
+        .encryptions()
+        .flush(app.keyring.store().clone())
+        .await
+    {
+        tracing::warn!(error = %e, "cannot store the exact encryption counts; the stored ones stay ahead");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -456,10 +495,59 @@ fn reload(app: &App, path: &Path, log: &LogHandle) -> anyhow::Result<()> {
     }
     app.access.store(Arc::new(access));
     app.config.store(Arc::new(new));
+    app.access_changed.send_modify(|n| *n += 1);
     tracing::info!(
         readers = app.config.load().access.readers.len(),
         admins = app.config.load().access.admins.len(),
         "configuration reloaded"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod log_filter_tests {
+    use super::*;
+
+    fn capped(level: &str) -> Vec<String> {
+        let directives = capped_directives(level);
+        directives
+            .split(',')
+            .skip(level.split(',').count())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_directive_lifts_the_cap_of_its_own_crate_only() {
+        // Naming aws_smithy_runtime_api leaves aws_smithy_runtime capped (and vice versa).
+        let c = capped("debug,aws_smithy_runtime_api=debug");
+        assert!(c.contains(&"aws_smithy_runtime=info".to_string()), "{c:?}");
+        assert!(
+            !c.iter().any(|d| d.starts_with("aws_smithy_runtime_api=")),
+            "{c:?}"
+        );
+        let c = capped("aws_smithy_runtime=trace");
+        assert!(
+            c.contains(&"aws_smithy_runtime_api=info".to_string()),
+            "{c:?}"
+        );
+        assert!(
+            !c.iter().any(|d| d.starts_with("aws_smithy_runtime=")),
+            "{c:?}"
+        );
+        // A module of the crate, or a span filter on it, names it; so does a bare target.
+        let c = capped("aws_smithy_http::body=trace,rustls[handshake]=debug,hyper_util");
+        for lifted in ["aws_smithy_http=", "rustls=", "hyper_util="] {
+            assert!(!c.iter().any(|d| d.starts_with(lifted)), "{lifted}: {c:?}");
+        }
+        assert!(
+            c.contains(&"aws_smithy_http_client=info".to_string()),
+            "{c:?}"
+        );
+        // A crate that merely starts like another is not it.
+        let c = capped("aws_sdk_kms_extra=debug,info");
+        assert!(c.contains(&"aws_sdk_kms=info".to_string()), "{c:?}");
+        assert_eq!(capped("info").len(), NOISY_CRATES.len());
+        log_filter("debug,aws_smithy_runtime_api=debug").unwrap();
+    }
 }

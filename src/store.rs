@@ -72,6 +72,20 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE versions ADD COLUMN aws_encrypted_key BLOB;
      ALTER TABLE versions ADD COLUMN aws_cmk_arn TEXT;
      ALTER TABLE versions ADD COLUMN aws_access_key_id TEXT;",
+    // 5: TOTP failures and lockout per uid, so that a restart keeps a lock (and every
+    // node of a cluster sees it).
+    "CREATE TABLE totp_attempts (
+        uid INTEGER PRIMARY KEY,
+        failures INTEGER NOT NULL,
+        window_start INTEGER NOT NULL,
+        locked_until INTEGER NOT NULL
+     );",
+    // 6: records encrypted per version (AES-GCM with random IVs is safe for 2^32 of them
+    // per key), and the sealed key check value that binds an aws version's data key to its
+    // KMS parameters.
+    "ALTER TABLE versions ADD COLUMN encryptions INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE versions ADD COLUMN aws_check_iv BLOB;
+     ALTER TABLE versions ADD COLUMN aws_check BLOB;",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +156,24 @@ pub struct StoredAws {
     pub encrypted_key: Vec<u8>,
     pub cmk_arn: String,
     pub access_key_id: String,
+    /// The key check value of the data key, sealed by the HSM root key under AAD over the
+    /// slot and the four fields above (`keyring::aws`). `None` for versions registered
+    /// before key checks existed.
+    pub check: Option<SealedCheck>,
+}
+
+/// A sealed key check value (`versions.aws_check_iv`, `versions.aws_check`). No Debug.
+pub struct SealedCheck {
+    pub iv: [u8; WRAP_IV_LEN],
+    pub sealed: Vec<u8>,
+}
+
+/// What `Store::aws_seals` reads of an aws version: its sealed IAM secret and its sealed key
+/// check, as stored. No Debug.
+pub struct StoredAwsSeals {
+    pub secret_iv: [u8; WRAP_IV_LEN],
+    pub secret: Vec<u8>,
+    pub check: Option<SealedCheck>,
 }
 
 pub struct StoredKey {
@@ -175,8 +207,10 @@ impl Store {
             .mode(0o700)
             .create(dir)
             .map_err(|e| anyhow::anyhow!("cannot create state directory {}: {e}", dir.display()))?;
+        check_state_dir(dir)?;
         let lock = lock_state(dir)?;
         let path = dir.join(DB_FILE);
+        private_files(&path)?;
         let conn = Connection::open(&path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -241,7 +275,7 @@ impl Store {
             "SELECT id, environment, country, rotation_period_days, created FROM keys ORDER BY environment, country",
         )?;
         let mut ver_stmt = conn.prepare(
-            "SELECT version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id FROM versions WHERE key_id = ?1 ORDER BY version",
+            "SELECT version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check FROM versions WHERE key_id = ?1 ORDER BY version",
         )?;
         let rows = keys_stmt
             .query_map([], |r| {
@@ -273,6 +307,10 @@ impl Store {
                             r.get::<_, Option<Vec<u8>>>(7)?,
                             r.get::<_, Option<String>>(8)?,
                             r.get::<_, Option<String>>(9)?,
+                            (
+                                r.get::<_, Option<Vec<u8>>>(10)?,
+                                r.get::<_, Option<Vec<u8>>>(11)?,
+                            ),
                         ),
                     ))
                 })?
@@ -284,12 +322,19 @@ impl Store {
                         (VersionType::Managed, _) => None,
                         (
                             VersionType::Aws,
-                            (Some(region), Some(encrypted_key), Some(cmk_arn), Some(access_key_id)),
+                            (
+                                Some(region),
+                                Some(encrypted_key),
+                                Some(cmk_arn),
+                                Some(access_key_id),
+                                check,
+                            ),
                         ) => Some(StoredAws {
                             region,
                             encrypted_key,
                             cmk_arn,
                             access_key_id,
+                            check: sealed_check(check),
                         }),
                         (VersionType::Aws, _) => {
                             return Err(Error::integrity(format!(
@@ -368,7 +413,7 @@ impl Store {
             }
         };
         tx.execute(
-            "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 rowid,
                 v.version,
@@ -381,9 +426,91 @@ impl Store {
                 v.aws.as_ref().map(|a| a.encrypted_key.as_slice()),
                 v.aws.as_ref().map(|a| a.cmk_arn.as_str()),
                 v.aws.as_ref().map(|a| a.access_key_id.as_str()),
+                v.aws.as_ref().and_then(|a| a.check.as_ref()).map(|c| &c.iv[..]),
+                v.aws.as_ref().and_then(|a| a.check.as_ref()).map(|c| c.sealed.as_slice()),
             ],
         )?;
         append_audit(tx, audit)
+        })
+    }
+
+    /// The sealed IAM secret and the sealed key check of an aws version, as stored now
+    /// (`None`: no such aws version).
+    pub fn aws_seals(&self, id: &KeyId, version: u32) -> Result<Option<StoredAwsSeals>> {
+        type Row = (Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+        let row: Option<Row> = self
+            .conn()
+            .query_row(
+                "SELECT v.iv, v.wrapped, v.aws_check_iv, v.aws_check FROM versions v JOIN keys k ON k.id = v.key_id
+                 WHERE k.environment = ?1 AND k.country = ?2 AND v.version = ?3 AND v.type = 'aws'",
+                params![id.env, id.country, version],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        row.map(|(iv, secret, check_iv, check)| {
+            Ok(StoredAwsSeals {
+                secret_iv: iv.as_slice().try_into().map_err(|_| {
+                    Error::integrity(format!(
+                        "{id} version {version}: stored IV has the wrong length"
+                    ))
+                })?,
+                secret,
+                check: sealed_check((check_iv, check)),
+            })
+        })
+        .transpose()
+    }
+
+    /// Records encrypted under a version, as stored (at least as many as were made: see
+    /// `keyring::counters`). 0 for a version the state does not have.
+    pub fn encryptions(&self, id: &KeyId, version: u32) -> Result<u64> {
+        let n: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT v.encryptions FROM versions v JOIN keys k ON k.id = v.key_id
+                 WHERE k.environment = ?1 AND k.country = ?2 AND v.version = ?3",
+                params![id.env, id.country, version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Raises a version's stored encryption count to at least `at_least` (a reservation
+    /// made before the encryptions it covers).
+    pub fn reserve_encryptions(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()> {
+        let at_least = i64::try_from(at_least).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE versions SET encryptions = MAX(encryptions, ?4)
+                 WHERE version = ?3 AND key_id = (SELECT id FROM keys WHERE environment = ?1 AND country = ?2)",
+                params![id.env, id.country, version, at_least],
+            )?;
+            if n == 0 {
+                return Err(Error::internal(format!(
+                    "{id} version {version} is not in the state: cannot count its encryptions"
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    /// Stores exact encryption counts (at a clean stop), in one transaction.
+    pub fn set_encryptions(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
+        self.write(|tx| {
+            for (id, version, n) in counts {
+                tx.execute(
+                    "UPDATE versions SET encryptions = ?4
+                     WHERE version = ?3 AND key_id = (SELECT id FROM keys WHERE environment = ?1 AND country = ?2)",
+                    params![
+                        id.env,
+                        id.country,
+                        version,
+                        i64::try_from(*n).unwrap_or(i64::MAX)
+                    ],
+                )?;
+            }
+            Ok(())
         })
     }
 
@@ -450,24 +577,100 @@ impl Store {
         })
     }
 
-    /// Marks `step` used for `uid`; false when it (or a later step) was used already.
-    pub fn totp_use_step(&self, uid: u32, step: u64) -> Result<bool> {
+    /// Removes an admin's secret (offline reset), and its failures and lock, with its audit
+    /// entry.
+    pub fn totp_delete(&self, uid: u32, audit: &AuditEntry) -> Result<bool> {
+        self.write(|tx| {
+            let n = tx.execute("DELETE FROM totp WHERE uid = ?1", [uid])?;
+            tx.execute("DELETE FROM totp_attempts WHERE uid = ?1", [uid])?;
+            append_audit(tx, audit)?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Until when `uid`'s codes are refused (`Some` only while the lock holds at `now`).
+    pub fn totp_locked_until(&self, uid: u32, now: i64) -> Result<Option<i64>> {
+        let until: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT locked_until FROM totp_attempts WHERE uid = ?1",
+                [uid],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(until.filter(|u| *u > now))
+    }
+
+    /// Counts an attempt of `uid` as a failure *before* its code is checked, so that a check
+    /// that never finishes (a dropped request, a crash) still counts, and refuses it while
+    /// the uid is locked. `Err(until)`: locked until then (a window already holding
+    /// `max_failures` failures locks here). The caller then checks the code and settles the
+    /// attempt with `totp_attempt_failed`, `totp_attempt_passed` or `totp_attempt_withdraw`.
+    pub fn totp_attempt_begin(
+        &self,
+        uid: u32,
+        now: i64,
+        limits: TotpLimits,
+    ) -> Result<std::result::Result<(), i64>> {
+        self.write(|tx| {
+            let (mut failures, mut window_start, locked_until) = attempts_row(tx, uid)?;
+            if locked_until > now {
+                return Ok(Err(locked_until));
+            }
+            if now - window_start >= limits.window {
+                failures = 0;
+                window_start = now;
+            }
+            if failures >= limits.max_failures {
+                let until = now + limits.lockout;
+                put_attempts(tx, uid, 0, now, until)?;
+                return Ok(Err(until));
+            }
+            put_attempts(tx, uid, failures + 1, window_start, locked_until)?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// The attempt counted by `totp_attempt_begin` was a wrong (or replayed) code: it stays
+    /// counted, and when it is the `max_failures`th of its window the uid is locked for
+    /// `lockout` seconds. Returns the end of the lock it set.
+    pub fn totp_attempt_failed(
+        &self,
+        uid: u32,
+        now: i64,
+        limits: TotpLimits,
+    ) -> Result<Option<i64>> {
+        self.write(|tx| {
+            let (failures, _, locked_until) = attempts_row(tx, uid)?;
+            if failures >= limits.max_failures && locked_until <= now {
+                let until = now + limits.lockout;
+                put_attempts(tx, uid, 0, now, until)?;
+                return Ok(Some(until));
+            }
+            Ok(None)
+        })
+    }
+
+    /// The attempt's code was right: marks `step` used (replay protection) and takes the
+    /// attempt back from the failures, in one transaction. False when `step` (or a later
+    /// one) was used already: the attempt then stays counted (a replay is a failure).
+    pub fn totp_attempt_passed(&self, uid: u32, step: u64) -> Result<bool> {
         self.write(|tx| {
             let n = tx.execute(
                 "UPDATE totp SET last_step = ?2 WHERE uid = ?1 AND last_step < ?2",
                 params![uid, step as i64],
             )?;
+            if n == 1 {
+                withdraw_attempt(tx, uid)?;
+            }
             Ok(n == 1)
         })
     }
 
-    /// Removes an admin's secret (offline reset), with its audit entry.
-    pub fn totp_delete(&self, uid: u32, audit: &AuditEntry) -> Result<bool> {
-        self.write(|tx| {
-            let n = tx.execute("DELETE FROM totp WHERE uid = ?1", [uid])?;
-            append_audit(tx, audit)?;
-            Ok(n == 1)
-        })
+    /// Takes back an attempt whose code was never checked (the HSM or the state failed) or
+    /// that activated a new secret.
+    pub fn totp_attempt_withdraw(&self, uid: u32) -> Result<()> {
+        self.write(|tx| withdraw_attempt(tx, uid))
     }
 
     /// Appends one audit entry in its own transaction (refusals, failures).
@@ -478,6 +681,65 @@ impl Store {
     /// Audit entries with `seq > since`, oldest first, at most `limit`.
     pub fn audit_since(&self, since: i64, limit: usize) -> Result<Vec<AuditRecord>> {
         read_audit(&self.conn(), since, limit)
+    }
+}
+
+/// How many wrong codes lock a uid, within how long, and for how long (seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct TotpLimits {
+    pub max_failures: i64,
+    pub window: i64,
+    pub lockout: i64,
+}
+
+/// `(failures, window_start, locked_until)` of a uid; zeros when it has no row.
+fn attempts_row(tx: &rusqlite::Transaction<'_>, uid: u32) -> Result<(i64, i64, i64)> {
+    Ok(tx
+        .query_row(
+            "SELECT failures, window_start, locked_until FROM totp_attempts WHERE uid = ?1",
+            [uid],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?
+        .unwrap_or((0, 0, 0)))
+}
+
+fn put_attempts(
+    tx: &rusqlite::Transaction<'_>,
+    uid: u32,
+    failures: i64,
+    window_start: i64,
+    locked_until: i64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO totp_attempts (uid, failures, window_start, locked_until) VALUES (?1, ?2, ?3, ?4)",
+        params![uid, failures, window_start, locked_until],
+    )?;
+    Ok(())
+}
+
+fn withdraw_attempt(tx: &rusqlite::Transaction<'_>, uid: u32) -> Result<()> {
+    tx.execute(
+        "UPDATE totp_attempts SET failures = failures - 1 WHERE uid = ?1 AND failures > 0",
+        [uid],
+    )?;
+    Ok(())
+}
+
+/// A stored key check from its two columns. Anything but both or neither (one column
+/// missing, an IV of the wrong length) comes back as a check that cannot be opened, so the
+/// version fails its key check instead of the whole state failing to load.
+fn sealed_check(columns: (Option<Vec<u8>>, Option<Vec<u8>>)) -> Option<SealedCheck> {
+    match columns {
+        (None, None) => None,
+        (Some(iv), Some(sealed)) if iv.len() == WRAP_IV_LEN => Some(SealedCheck {
+            iv: iv.as_slice().try_into().unwrap_or([0; WRAP_IV_LEN]),
+            sealed,
+        }),
+        _ => Some(SealedCheck {
+            iv: [0; WRAP_IV_LEN],
+            sealed: Vec::new(),
+        }),
     }
 }
 
@@ -573,6 +835,53 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
 }
 
 /// Takes an exclusive flock on the state directory's lock file and writes our pid into it.
+/// The state directory must be the daemon's own: owned by its user and writable by no one
+/// else (whoever can write there can swap the database).
+fn check_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read state directory {}: {e}", dir.display()))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        anyhow::bail!(
+            "state directory {} is owned by uid {}, not by this daemon's user (uid {euid}): chown it",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        anyhow::bail!(
+            "state directory {} is writable by its group or by others (mode {mode:04o}): chmod 0700 it",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The database and its WAL and shared-memory files are the daemon's alone, whatever the
+/// umask: made 0600 before SQLite opens them (SQLite gives its -wal and -shm files the
+/// database's mode), and tightened if an older run left them looser.
+fn private_files(db: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(db)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", db.display()))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", db.display()));
+        if let Ok(meta) = fs::metadata(&p) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
+                    .map_err(|e| anyhow::anyhow!("cannot chmod 0600 {}: {e}", p.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn lock_state(dir: &Path) -> anyhow::Result<File> {
     let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
@@ -599,4 +908,66 @@ fn lock_state(dir: &Path) -> anyhow::Result<File> {
     file.rewind()?;
     writeln!(file, "{}", std::process::id())?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod totp_attempt_tests {
+    use super::*;
+
+    const LIMITS: TotpLimits = TotpLimits {
+        max_failures: 5,
+        window: 300,
+        lockout: 300,
+    };
+
+    fn wrong(s: &Store, uid: u32, now: i64) -> std::result::Result<Option<i64>, i64> {
+        s.totp_attempt_begin(uid, now, LIMITS).unwrap()?;
+        Ok(s.totp_attempt_failed(uid, now, LIMITS).unwrap())
+    }
+
+    #[test]
+    fn counts_before_the_check_locks_at_five_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let t = 1_000_000;
+        for i in 0..4 {
+            assert_eq!(wrong(&s, 7, t + i), Ok(None));
+        }
+        // The fifth wrong code locks the uid; another uid is not affected.
+        assert_eq!(wrong(&s, 7, t + 4), Ok(Some(t + 4 + 300)));
+        assert_eq!(wrong(&s, 7, t + 5), Err(t + 304));
+        assert_eq!(wrong(&s, 8, t + 5), Ok(None));
+        assert_eq!(s.totp_locked_until(7, t + 5).unwrap(), Some(t + 304));
+        // A restart keeps the lock.
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.totp_locked_until(7, t + 303).unwrap(), Some(t + 304));
+        assert_eq!(wrong(&s, 7, t + 303), Err(t + 304));
+        assert_eq!(s.totp_locked_until(7, t + 304).unwrap(), None);
+        assert_eq!(wrong(&s, 7, t + 304), Ok(None));
+    }
+
+    #[test]
+    fn abandoned_checks_count_and_withdrawn_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let t = 2_000_000;
+        // Five attempts begun and never settled (requests dropped mid-check): the sixth is
+        // refused and locks.
+        for _ in 0..5 {
+            s.totp_attempt_begin(1, t, LIMITS).unwrap().unwrap();
+        }
+        assert_eq!(s.totp_attempt_begin(1, t, LIMITS).unwrap(), Err(t + 300));
+        // Attempts taken back (HSM failures, right codes) never add up to a lock.
+        for _ in 0..20 {
+            s.totp_attempt_begin(2, t, LIMITS).unwrap().unwrap();
+            s.totp_attempt_withdraw(2).unwrap();
+        }
+        assert_eq!(s.totp_locked_until(2, t).unwrap(), None);
+        // Failures older than the window are forgotten.
+        for i in 0..4 {
+            assert_eq!(wrong(&s, 3, t + i), Ok(None));
+        }
+        assert_eq!(wrong(&s, 3, t + 300), Ok(None));
+    }
 }

@@ -2,8 +2,18 @@
 //! per admin uid. Secrets are sealed by an HSM-held system root key (not any country's key);
 //! each time step is accepted once per uid; 5 wrong codes in 5 minutes lock that uid's
 //! changes for 5 minutes. Codes and secrets never reach a log line.
+//!
+//! Checks of one uid's codes run one at a time, and each attempt is counted as a failure in
+//! the state *before* its code is checked (taken back when it passes): parallel guesses get
+//! no more than 5 checks per window, a dropped request still counts, and a restart keeps
+//! the failures and the lock (`totp_attempts`).
+//!
+//! Enrollment: replacing a secret needs a code from the current one; the first secret of a
+//! uid needs a code of another enrolled admin (`X-Verification-Uid` names that admin), or
+//! the offline bootstrap by root with the daemon stopped (`admin totp-enroll --uid N`),
+//! which is the only way while no admin is enrolled.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -16,14 +26,19 @@ use crate::clock::SharedClock;
 use crate::config::VerificationMode;
 use crate::error::{Error, Result};
 use crate::hsm::{HsmWorker, WRAP_IV_LEN};
-use crate::store::{Store, StoredTotp};
+use crate::store::{Store, StoredTotp, TotpLimits};
 
 /// Label of the HSM root key that seals TOTP secrets.
 pub const SYSTEM_ROOT: &str = "keyd-system/totp";
+/// Header naming the enrolled admin whose code `X-Verification-Code` carries, when it
+/// vouches for another uid's first enrollment.
+pub const VOUCHER_HEADER: &str = "x-verification-uid";
 const SECRET_LEN: usize = 20;
-const MAX_FAILURES: usize = 5;
-const FAILURE_WINDOW: i64 = 300;
-const LOCKOUT: i64 = 300;
+const LIMITS: TotpLimits = TotpLimits {
+    max_failures: 5,
+    window: 300,
+    lockout: 300,
+};
 const ENROLL_WINDOW: i64 = 600;
 
 pub enum Verifier {
@@ -37,18 +52,25 @@ pub struct TotpVerifier {
     hsm: HsmWorker,
     clock: SharedClock,
     pending: Mutex<HashMap<u32, Pending>>,
-    attempts: Mutex<HashMap<u32, Attempts>>,
+    /// One check at a time per uid (held across the state reads and the HSM unseal).
+    turns: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 struct Pending {
     secret: Zeroizing<Vec<u8>>,
     expires: i64,
+    basis: Basis,
 }
 
-#[derive(Default)]
-struct Attempts {
-    failures: VecDeque<i64>,
-    locked_until: Option<i64>,
+/// What allowed an enrollment to begin.
+#[derive(Clone, Copy)]
+enum Basis {
+    /// The uid proved possession of its current secret.
+    Replace,
+    /// A first enrollment, vouched for by this enrolled admin's code.
+    Vouched(u32),
+    /// A first enrollment by root, offline, with the daemon stopped.
+    Offline,
 }
 
 /// What `totp-enroll` shows the admin once.
@@ -85,6 +107,53 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn locked_error(uid: u32, until: i64, now: i64) -> Error {
+    let left = (until - now).max(1);
+    Error::RateLimited {
+        code: "verification_locked",
+        message: format!(
+            "too many wrong verification codes: admin changes by uid {uid} are locked for {left} more seconds"
+        ),
+        retry_after: left as u64,
+    }
+}
+
+fn required_error() -> Error {
+    Error::unauthorized(
+        "verification_required",
+        "this change needs a verification code (X-Verification-Code header, or --code)",
+    )
+}
+
+/// Names the vouching admin in a refusal of its code (for the caller and the audit).
+fn about_voucher(e: Error, voucher: u32) -> Error {
+    let note =
+        |m: String| format!("{m} (the code of uid {voucher}, vouching for a first enrollment)");
+    match e {
+        Error::Unauthorized { code, message } => Error::Unauthorized {
+            code,
+            message: note(message),
+        },
+        Error::RateLimited {
+            code,
+            message,
+            retry_after,
+        } => Error::RateLimited {
+            code,
+            message: note(message),
+            retry_after,
+        },
+        other => other,
+    }
+}
+
+fn verification_off() -> Error {
+    Error::conflict(
+        "verification_off",
+        "verification.mode is \"off\"; nothing to enroll",
+    )
+}
+
 impl Verifier {
     pub fn new(
         mode: VerificationMode,
@@ -99,7 +168,7 @@ impl Verifier {
                 hsm,
                 clock,
                 pending: Mutex::default(),
-                attempts: Mutex::default(),
+                turns: Mutex::default(),
             }),
         }
     }
@@ -111,6 +180,13 @@ impl Verifier {
         }
     }
 
+    fn totp(&self) -> Result<&TotpVerifier> {
+        match self {
+            Verifier::Off => Err(verification_off()),
+            Verifier::Totp(t) => Ok(t),
+        }
+    }
+
     /// Checks the code of an admin change (after the admin role was confirmed).
     pub async fn check(&self, peer: &Peer, code: Option<&str>, _action: &str) -> Result<()> {
         match self {
@@ -119,26 +195,43 @@ impl Verifier {
         }
     }
 
-    /// Starts an enrollment: a new secret, active only once `enroll_confirm` sees a code
-    /// from it. Replacing an existing secret needs a valid code from the current one.
-    pub async fn enroll_begin(&self, peer: &Peer, code: Option<&str>) -> Result<Enrollment> {
-        let Verifier::Totp(t) = self else {
-            return Err(Error::conflict(
-                "verification_off",
-                "verification.mode is \"off\"; nothing to enroll",
-            ));
-        };
-        t.enroll_begin(peer.uid, code).await
+    /// Starts an enrollment of the calling admin: a new secret, active only once
+    /// `enroll_confirm` sees a code from it. Replacing an existing secret needs a valid code
+    /// from the current one. A first enrollment needs `code` to be a valid code of
+    /// `voucher`, another enrolled admin (the caller has checked that `voucher` is in
+    /// access.admins); while no admin is enrolled it is refused (offline bootstrap only).
+    pub async fn enroll_begin(
+        &self,
+        peer: &Peer,
+        code: Option<&str>,
+        voucher: Option<u32>,
+    ) -> Result<Enrollment> {
+        self.totp()?.enroll_begin(peer, code, voucher).await
     }
 
     pub async fn enroll_confirm(&self, peer: &Peer, code: &str) -> Result<()> {
-        let Verifier::Totp(t) = self else {
+        self.totp()?
+            .activate(peer.uid, code, &Actor::of(peer), true)
+            .await
+    }
+
+    /// Offline bootstrap (root, daemon stopped, state lock held): starts the first
+    /// enrollment of `uid` with no code from anyone. Refused when `uid` has a secret.
+    pub async fn offline_enroll_begin(&self, uid: u32) -> Result<Enrollment> {
+        let t = self.totp()?;
+        if t.state(move |s| s.totp_get(uid)).await?.is_some() {
             return Err(Error::conflict(
-                "verification_off",
-                "verification.mode is \"off\"; nothing to enroll",
+                "already_enrolled",
+                format!("uid {uid} already has a verification secret: remove it first with `incountry-keyd admin totp-reset --uid {uid}`"),
             ));
-        };
-        t.enroll_confirm(peer, code).await
+        }
+        t.begin(uid, Basis::Offline).await
+    }
+
+    /// Activates the secret `offline_enroll_begin` made, once `code` is from it; audited
+    /// as `actor` (the root process).
+    pub async fn offline_enroll_confirm(&self, uid: u32, code: &str, actor: &Actor) -> Result<()> {
+        self.totp()?.activate(uid, code, actor, false).await
     }
 }
 
@@ -153,81 +246,109 @@ impl TotpVerifier {
             .map_err(|e| Error::internal(format!("state: {e}")))?
     }
 
-    fn locked(&self, uid: u32, now: i64) -> Result<()> {
-        if let Some(until) = lock(&self.attempts).get(&uid).and_then(|a| a.locked_until) {
-            if until > now {
-                return Err(Error::RateLimited {
-                    code: "verification_locked",
-                    message: format!(
-                        "too many wrong verification codes: admin changes by uid {uid} are locked for {} more seconds",
-                        until - now
-                    ),
-                    retry_after: (until - now) as u64,
-                });
-            }
-        }
-        Ok(())
+    fn now(&self) -> i64 {
+        self.clock.now().unix_timestamp()
     }
 
-    /// Counts a wrong or replayed code; the fifth within the window locks the uid.
-    fn failed(&self, uid: u32, now: i64, err: Error) -> Error {
-        let mut attempts = lock(&self.attempts);
-        let a = attempts.entry(uid).or_default();
-        a.failures.retain(|t| now - t < FAILURE_WINDOW);
-        a.failures.push_back(now);
-        if a.failures.len() >= MAX_FAILURES {
-            a.failures.clear();
-            a.locked_until = Some(now + LOCKOUT);
-            tracing::warn!(
+    /// Waits for `uid`'s turn: checks of one uid's codes run one at a time.
+    async fn turn(&self, uid: u32) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut turns = lock(&self.turns);
+            // Forget the uids nobody is checking (only this map holds their mutex).
+            turns.retain(|_, m| Arc::strong_count(m) > 1);
+            turns.entry(uid).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    /// Counts an attempt of `uid` (as a failure until it passes); refuses while locked.
+    async fn attempt(&self, uid: u32, now: i64) -> Result<()> {
+        match self
+            .state(move |s| s.totp_attempt_begin(uid, now, LIMITS))
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(until) => Err(locked_error(uid, until, now)),
+        }
+    }
+
+    /// A counted attempt had a wrong or replayed code: it stays counted; the fifth within
+    /// the window locks the uid.
+    async fn failed(&self, uid: u32, now: i64, err: Error) -> Error {
+        match self
+            .state(move |s| s.totp_attempt_failed(uid, now, LIMITS))
+            .await
+        {
+            Ok(Some(until)) => tracing::warn!(
                 uid,
-                "verification locked for {LOCKOUT} s after {MAX_FAILURES} wrong codes"
-            );
+                "verification locked for {} s after {} wrong codes",
+                until - now,
+                LIMITS.max_failures
+            ),
+            Ok(None) => {}
+            // The failure was counted before the check; the next attempt locks if due.
+            Err(e) => tracing::error!(uid, error = %e, "cannot record a wrong verification code"),
         }
         err
     }
 
+    /// A counted attempt was never checked (the HSM or the state failed): take it back.
+    async fn withdraw(&self, uid: u32) {
+        if let Err(e) = self.state(move |s| s.totp_attempt_withdraw(uid)).await {
+            tracing::error!(uid, error = %e, "cannot take back a verification attempt");
+        }
+    }
+
     async fn check(&self, uid: u32, code: Option<&str>) -> Result<()> {
-        let now = self.clock.now().unix_timestamp();
-        self.locked(uid, now)?;
-        let code = code
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| {
-                Error::unauthorized(
-                    "verification_required",
-                    "this change needs a verification code (X-Verification-Code header, or --code)",
-                )
-            })?;
+        let _turn = self.turn(uid).await;
+        let now = self.now();
+        let Some(code) = code.map(str::trim).filter(|c| !c.is_empty()) else {
+            if let Some(until) = self.state(move |s| s.totp_locked_until(uid, now)).await? {
+                return Err(locked_error(uid, until, now));
+            }
+            return Err(required_error());
+        };
         let stored = self.state(move |s| s.totp_get(uid)).await?.ok_or_else(|| {
             Error::unauthorized(
                 "totp_not_enrolled",
                 format!(
-                    "uid {uid} has no verification secret: run `incountry-keyd admin totp-enroll`"
+                    "uid {uid} has no verification secret: enroll it with `incountry-keyd admin totp-enroll --code-uid N --code CODE` (a code of an enrolled admin), or offline, as root with the daemon stopped, with `incountry-keyd admin totp-enroll --uid {uid}`"
                 ),
             )
         })?;
-        let secret = self.unseal(uid, &stored).await?;
-        let step = match totp(&secret, uid)?.check(code, now.max(0) as u64) {
-            Some(step) => step,
-            None => {
-                return Err(self.failed(
-                    uid,
-                    now,
-                    Error::unauthorized("verification_failed", "the verification code is wrong"),
-                ))
+        self.attempt(uid, now).await?;
+        // From here on the attempt counts as a failure until it is settled.
+        let checked = async {
+            let secret = self.unseal(uid, &stored).await?;
+            Ok::<_, Error>(totp(&secret, uid)?.check(code, now.max(0) as u64))
+        }
+        .await;
+        let step = match checked {
+            Err(e) => {
+                self.withdraw(uid).await;
+                return Err(e);
+            }
+            Ok(Some(step)) => step,
+            Ok(None) => {
+                let e =
+                    Error::unauthorized("verification_failed", "the verification code is wrong");
+                return Err(self.failed(uid, now, e).await);
             }
         };
-        let fresh =
-            step > stored.last_step && self.state(move |s| s.totp_use_step(uid, step)).await?;
+        let fresh = step > stored.last_step
+            && match self.state(move |s| s.totp_attempt_passed(uid, step)).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    self.withdraw(uid).await;
+                    return Err(e);
+                }
+            };
         if !fresh {
-            return Err(self.failed(
-                uid,
-                now,
-                Error::unauthorized(
-                    "verification_replayed",
-                    "this verification code was already used; wait for the next one",
-                ),
-            ));
+            let e = Error::unauthorized(
+                "verification_replayed",
+                "this verification code was already used; wait for the next one",
+            );
+            return Err(self.failed(uid, now, e).await);
         }
         Ok(())
     }
@@ -243,11 +364,55 @@ impl TotpVerifier {
             })
     }
 
-    async fn enroll_begin(&self, uid: u32, code: Option<&str>) -> Result<Enrollment> {
-        if self.state(move |s| s.totp_get(uid)).await?.is_some() {
+    async fn enroll_begin(
+        &self,
+        peer: &Peer,
+        code: Option<&str>,
+        voucher: Option<u32>,
+    ) -> Result<Enrollment> {
+        let uid = peer.uid;
+        let basis = if self.state(move |s| s.totp_get(uid)).await?.is_some() {
             // Replacing a secret: prove possession of the current one.
+            if voucher.is_some_and(|v| v != uid) {
+                return Err(Error::bad_input(
+                    "invalid_verification_uid",
+                    format!("uid {uid} is enrolled: replacing its secret needs a code from its current secret, not another admin's (leave out X-Verification-Uid)"),
+                ));
+            }
             self.check(uid, code).await?;
-        }
+            Basis::Replace
+        } else if self.state(|s| s.totp_count()).await? == 0 {
+            return Err(Error::conflict(
+                "bootstrap_required",
+                format!("no admin is enrolled yet: the first one is enrolled offline, as root with the daemon stopped: `incountry-keyd admin totp-enroll --uid {uid}`"),
+            ));
+        } else {
+            let Some(voucher) = voucher else {
+                return Err(Error::unauthorized(
+                    "verification_required",
+                    format!("the first enrollment of uid {uid} needs a code of an enrolled admin: X-Verification-Uid (that admin's uid) with X-Verification-Code (CLI: --code-uid N --code CODE); or the offline bootstrap by root with the daemon stopped: `incountry-keyd admin totp-enroll --uid {uid}`"),
+                ));
+            };
+            self.check(voucher, code)
+                .await
+                .map_err(|e| about_voucher(e, voucher))?;
+            let entry = AuditEntry::new(self.now(), &Actor::of(peer), "totp-vouch", None).outcome(
+                "ok",
+                format!("uid {voucher}'s verification code vouched for the first enrollment of uid {uid}"),
+            );
+            self.state(move |s| s.audit(&entry)).await?;
+            tracing::info!(
+                uid,
+                voucher,
+                "first enrollment vouched for by an enrolled admin"
+            );
+            Basis::Vouched(voucher)
+        };
+        self.begin(uid, basis).await
+    }
+
+    /// Makes a pending secret for `uid`.
+    async fn begin(&self, uid: u32, basis: Basis) -> Result<Enrollment> {
         let secret = self
             .hsm
             .call(|h| {
@@ -264,40 +429,83 @@ impl TotpVerifier {
             secret_base32: Secret::from(secret.as_slice()).to_base32(),
             expires_in_seconds: ENROLL_WINDOW,
         };
-        let expires = self.clock.now().unix_timestamp() + ENROLL_WINDOW;
-        lock(&self.pending).insert(uid, Pending { secret, expires });
+        let expires = self.now() + ENROLL_WINDOW;
+        lock(&self.pending).insert(
+            uid,
+            Pending {
+                secret,
+                expires,
+                basis,
+            },
+        );
         Ok(enrollment)
     }
 
-    async fn enroll_confirm(&self, peer: &Peer, code: &str) -> Result<()> {
-        let uid = peer.uid;
-        let now = self.clock.now().unix_timestamp();
-        self.locked(uid, now)?;
-        let secret = {
+    /// Activates `uid`'s pending secret once `code` is from it. Online (`count`), the
+    /// attempt counts toward the uid's lockout like any code.
+    async fn activate(&self, uid: u32, code: &str, actor: &Actor, count: bool) -> Result<()> {
+        let _turn = self.turn(uid).await;
+        let now = self.now();
+        let (secret, basis) = {
             let pending = lock(&self.pending);
             match pending.get(&uid) {
-                Some(p) if p.expires > now => p.secret.clone(),
+                Some(p) if p.expires > now => (p.secret.clone(), p.basis),
                 _ => return Err(Error::not_found(
                     "no_pending_enrollment",
                     "no enrollment in progress for this uid (or it expired): run totp-enroll again",
                 )),
             }
         };
-        let step = totp(&secret, uid)?
+        if !count {
+            return self
+                .store_secret(uid, code, secret, basis, actor, now)
+                .await
+                .map_err(|(e, _)| e);
+        }
+        self.attempt(uid, now).await?;
+        match self
+            .store_secret(uid, code, secret, basis, actor, now)
+            .await
+        {
+            // A code that activated a secret is not a failure: take the attempt back.
+            Ok(()) => {
+                self.withdraw(uid).await;
+                Ok(())
+            }
+            Err((e, true)) => Err(self.failed(uid, now, e).await),
+            Err((e, false)) => {
+                self.withdraw(uid).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks `code` against the new secret, seals the secret with the system root key and
+    /// stores it with its audit entry. An error says whether the code was wrong (`true`) or
+    /// something else failed.
+    async fn store_secret(
+        &self,
+        uid: u32,
+        code: &str,
+        secret: Zeroizing<Vec<u8>>,
+        basis: Basis,
+        actor: &Actor,
+        now: i64,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let other = |e: Error| (e, false);
+        let step = totp(&secret, uid)
+            .map_err(other)?
             .check(code.trim(), now.max(0) as u64)
             .ok_or_else(|| {
-                self.failed(
-                    uid,
-                    now,
-                    Error::unauthorized(
-                        "verification_failed",
-                        "the code does not match the new secret",
-                    ),
-                )
+                let e = Error::unauthorized(
+                    "verification_failed",
+                    "the code does not match the new secret",
+                );
+                (e, true)
             })?;
         // The system root key is made with the first enrollment; once secrets exist, a
         // missing key is an error, never silently replaced.
-        let create_root = self.state(|s| s.totp_count()).await? == 0;
+        let create_root = self.state(|s| s.totp_count()).await.map_err(other)? == 0;
         let (iv, sealed) = self
             .hsm
             .call(move |h| {
@@ -307,16 +515,28 @@ impl TotpVerifier {
                 let sealed = h.seal(SYSTEM_ROOT, &iv, &aad(uid), &secret)?;
                 Ok((iv, sealed))
             })
-            .await?;
+            .await
+            .map_err(|e| other(e.into()))?;
         let stored = StoredTotp {
             iv,
             sealed,
             last_step: step,
         };
-        let audit = AuditEntry::new(now, &Actor::of(peer), "totp-enroll", None)
-            .outcome("ok", "verification secret enrolled");
+        let detail = match basis {
+            Basis::Replace => {
+                "verification secret replaced (proved with the current one)".to_string()
+            }
+            Basis::Vouched(v) => format!(
+                "verification secret enrolled (first enrollment, vouched for by uid {v}'s code)"
+            ),
+            Basis::Offline => format!(
+                "verification secret of uid {uid} enrolled offline (bootstrap by root with the daemon stopped)"
+            ),
+        };
+        let audit = AuditEntry::new(now, actor, "totp-enroll", None).outcome("ok", detail);
         self.state(move |s| s.totp_put(uid, &stored, now, &audit))
-            .await?;
+            .await
+            .map_err(other)?;
         lock(&self.pending).remove(&uid);
         tracing::info!(uid, "verification secret enrolled");
         Ok(())

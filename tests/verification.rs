@@ -1,20 +1,98 @@
 //! Verification codes (TOTP) for admin changes, checked with an independent implementation
-//! (oathtool) at the daemon's test-clock time.
+//! (oathtool) at the daemon's test-clock time. The first admin is enrolled by the offline
+//! bootstrap (`admin totp-enroll --uid N`, daemon stopped), as in production.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
 
 use common::*;
 use serde_json::{json, Value};
 
-fn totp_daemon() -> Daemon {
-    Daemon::start_with(Options {
+fn totp_options() -> Options {
+    Options {
         versions_per_day: 100,
         verification: "totp",
         ..Options::default()
+    }
+}
+
+fn totp_daemon() -> Daemon {
+    Daemon::start_with(totp_options())
+}
+
+/// A daemon whose admin (this process, uid 0) was enrolled by the offline bootstrap before
+/// it started; returns the secret too.
+fn enrolled_daemon() -> (Daemon, String) {
+    let d = Daemon::prepare(totp_options());
+    let secret = bootstrap(&d, 0);
+    (d.launch(), secret)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Drives an interactive `totp-enroll` (started with piped stdio): reads its output up to
+/// the otpauth URI, types back the code `code_for(secret)` gives, and waits for it to
+/// succeed; returns the secret.
+fn type_back(mut child: Child, code_for: impl FnOnce(&str) -> String) -> String {
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("otpauth URI: ") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "no URI printed");
+    }
+    assert!(line.contains("otpauth://totp/"), "{line}");
+    let secret = line
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("secret="))
+        .unwrap()
+        .trim()
+        .to_string();
+    writeln!(child.stdin.take().unwrap(), "{}", code_for(&secret)).unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rest.contains("nrolled"), "{rest}");
+    secret
+}
+
+/// The offline bootstrap of `uid`'s first secret (`admin totp-enroll --uid N`, as root, with
+/// the daemon stopped): types back the code at the time the daemon will have; returns the
+/// secret.
+fn bootstrap(d: &Daemon, uid: u32) -> String {
+    let child = bootstrap_command(d, uid)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    type_back(child, |secret| {
+        oathtool(secret, unix_now() + d.clock_offset)
     })
+}
+
+fn bootstrap_command(d: &Daemon, uid: u32) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(&d.config)
+        .args(["admin", "totp-enroll", "--uid", &uid.to_string()])
+        .env("SOFTHSM2_CONF", d.token.conf())
+        .env(
+            "INCOUNTRY_KEYD_TEST_CLOCK_OFFSET",
+            d.clock_offset.to_string(),
+        );
+    cmd
 }
 
 /// Moves the daemon clock by `seconds` and returns its time.
@@ -48,8 +126,9 @@ fn wrong(code: &str) -> String {
     format!("{:06}", (n + 1) % 1_000_000)
 }
 
-fn enroll(d: &Daemon) -> String {
-    let r = d.post("/v1/admin/totp/enroll", json!({}));
+/// Online enrollment of this process's uid; `headers` carry the proof it needs.
+fn enroll(d: &Daemon, headers: &[(&str, &str)]) -> String {
+    let r = http(&d.socket, "POST", "/v1/admin/totp/enroll", headers, b"{}");
     assert_eq!(r.status, 200, "{}", r.text());
     let doc = r.json();
     assert!(doc["otpauth_uri"]
@@ -117,7 +196,10 @@ fn codes_from_oathtool_missing_wrong_replayed() {
     );
     assert!(r.text().contains("totp-enroll"));
 
-    let secret = enroll(&d);
+    let mut d = d;
+    assert!(d.stop().success());
+    let secret = bootstrap(&d, 0);
+    let d = d.launch();
     let r = create(&d, "DE", Some(&next_code(&d, &secret)));
     assert_eq!(r.status, 201, "{}", r.text());
 
@@ -173,8 +255,7 @@ fn codes_from_oathtool_missing_wrong_replayed() {
 
 #[test]
 fn lockout_after_five_wrong_codes() {
-    let d = totp_daemon();
-    let secret = enroll(&d);
+    let (d, secret) = enrolled_daemon();
     assert_eq!(create(&d, "FR", Some(&next_code(&d, &secret))).status, 201);
     let code = next_code(&d, &secret);
     for _ in 0..5 {
@@ -213,8 +294,7 @@ fn lockout_after_five_wrong_codes() {
 
 #[test]
 fn reenrollment_needs_code_and_reset_needs_stopped_daemon() {
-    let d = totp_daemon();
-    let secret = enroll(&d);
+    let (d, secret) = enrolled_daemon();
 
     // Replacing the secret needs a valid code from the current one.
     let r = d.post("/v1/admin/totp/enroll", json!({}));
@@ -273,10 +353,27 @@ fn reenrollment_needs_code_and_reset_needs_stopped_daemon() {
         String::from_utf8_lossy(&out.stderr)
     );
     let d = d.launch();
-    // Enrolling again needs no code now.
-    enroll(&d);
+    // With no admin enrolled any more, enrolling again online is refused: only the offline
+    // bootstrap enrolls the first admin.
+    let r = d.post("/v1/admin/totp/enroll", json!({}));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (409, "bootstrap_required"),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("totp-enroll --uid 0"), "{}", r.text());
+    let mut d = d;
+    assert!(d.stop().success());
+    let secret = bootstrap(&d, 0);
+    let d = d.launch();
+    assert_eq!(create(&d, "PL", Some(&next_code(&d, &secret))).status, 201);
     let audit = audit_details(&d).join("\n");
     assert!(audit.contains("totp-reset ok"), "{audit}");
+    assert!(
+        audit.contains("totp-enroll refused bootstrap_required"),
+        "{audit}"
+    );
     let out = Command::new(BIN)
         .args(["audit", "verify", "--state-dir"])
         .arg(&state)
@@ -289,38 +386,252 @@ fn reenrollment_needs_code_and_reset_needs_stopped_daemon() {
     );
 }
 
+/// Re-enrollment from the command line: `--code` from the current secret, then the code of
+/// the new secret typed back; afterwards only the new secret's codes pass.
 #[test]
 fn cli_enrollment_reads_the_code_typed_back() {
-    let d = totp_daemon();
-    let mut child = Command::new(BIN)
+    let (d, old) = enrolled_daemon();
+    let code = next_code(&d, &old);
+    let child = Command::new(BIN)
         .arg("--socket")
         .arg(&d.socket)
-        .args(["admin", "totp-enroll"])
+        .args(["admin", "totp-enroll", "--code", &code])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut uri = String::new();
-    while !uri.starts_with("otpauth URI: ") {
-        uri.clear();
-        assert!(stdout.read_line(&mut uri).unwrap() > 0, "no URI printed");
-    }
-    let secret = uri
-        .split(['?', '&'])
-        .find_map(|p| p.strip_prefix("secret="))
-        .unwrap()
-        .trim()
-        .to_string();
-    let code = oathtool(&secret, clock(&d, 0));
-    writeln!(child.stdin.take().unwrap(), "{code}").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let secret = type_back(child, |secret| oathtool(secret, clock(&d, 0)));
+    let r = create(&d, "IT", Some(&next_code(&d, &old)));
+    assert_eq!(r.error_code(), "verification_failed", "{}", r.text());
+    let r = create(&d, "IT", Some(&next_code(&d, &secret)));
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+/// The daemon's clock minus the wall clock, in seconds: the offset a restarted daemon needs
+/// to go on at the same time.
+fn clock_offset(d: &Daemon) -> i64 {
+    clock(d, 0) - unix_now()
+}
+
+#[test]
+fn parallel_wrong_codes_are_checked_five_times_and_the_lock_survives_a_restart() {
+    let (d, secret) = enrolled_daemon();
+    assert_eq!(create(&d, "NL", Some(&next_code(&d, &secret))).status, 201);
+    let code = next_code(&d, &secret);
+    let bad = wrong(&code);
+
+    // 100 wrong codes at once, one connection each.
+    const GUESSES: usize = 100;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(GUESSES));
+    let threads: Vec<_> = (0..GUESSES)
+        .map(|_| {
+            let socket = d.socket.clone();
+            let barrier = barrier.clone();
+            let bad = bad.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = http(
+                    &socket,
+                    "POST",
+                    "/v1/keys/prod/NL/rotate",
+                    &[("X-Verification-Code", &bad)],
+                    b"{}",
+                );
+                (r.status, r.error_code())
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let failed = answers
+        .iter()
+        .filter(|a| *a == &(401, "verification_failed".to_string()))
+        .count();
+    let locked = answers
+        .iter()
+        .filter(|a| *a == &(429, "verification_locked".to_string()))
+        .count();
+    assert_eq!(failed + locked, GUESSES, "{answers:?}");
     assert!(
-        out.status.success(),
+        failed <= 5,
+        "{failed} of {GUESSES} wrong codes were checked"
+    );
+
+    // The right code is refused while the lock holds.
+    let locked_out = |d: &Daemon, code: &str| {
+        let r = with_code(d, "POST", "/v1/keys/prod/NL/rotate", json!({}), code);
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (429, "verification_locked"),
+            "{}",
+            r.text()
+        );
+        let retry: i64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=300).contains(&retry), "Retry-After {retry}");
+    };
+    locked_out(&d, &code);
+
+    // The audit shows at most 5 checked codes for the burst; the rest were refused unchecked.
+    let audit = audit_details(&d);
+    let checked = audit
+        .iter()
+        .filter(|e| e.starts_with("rotate refused verification_failed"))
+        .count();
+    assert!(checked <= 5, "{checked} checked attempts audited");
+    assert_eq!(checked, failed);
+    let refused = audit
+        .iter()
+        .filter(|e| e.starts_with("rotate refused verification_locked"))
+        .count();
+    assert_eq!(refused, locked + 1);
+
+    // A restart keeps the lock.
+    let offset = clock_offset(&d);
+    let mut d = d;
+    assert!(d.stop().success());
+    d.clock_offset = offset;
+    let d = d.launch();
+    let code = oathtool(&secret, clock(&d, 0));
+    locked_out(&d, &code);
+
+    // Once the lock time has passed, the right code works.
+    clock(&d, 301);
+    let r = with_code(
+        &d,
+        "POST",
+        "/v1/keys/prod/NL/rotate",
+        json!({}),
+        &next_code(&d, &secret),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+/// Trust on first use is gone: with no admin enrolled, only the offline bootstrap (root,
+/// daemon stopped) enrolls; after that, a first enrollment online needs a code of another
+/// enrolled admin, named by `X-Verification-Uid` (CLI: `--code-uid`, `--code`), checked as
+/// that admin's code and audited.
+#[test]
+fn first_enrollment_needs_an_enrolled_admins_code_or_the_offline_bootstrap() {
+    const OTHER: u32 = 65534;
+    let d = Daemon::start_with(Options {
+        admins: vec!["uid:0".into(), format!("uid:{OTHER}")],
+        ..totp_options()
+    });
+    let r = d.post("/v1/admin/totp/enroll", json!({}));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (409, "bootstrap_required"),
+        "{}",
+        r.text()
+    );
+
+    // The offline bootstrap refuses while the daemon holds the state lock.
+    let out = bootstrap_command(&d, OTHER)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = create(&d, "IT", Some(&next_code(&d, &secret)));
-    assert_eq!(r.status, 201, "{}", r.text());
+    let mut d = d;
+    assert!(d.stop().success());
+    let other = bootstrap(&d, OTHER);
+    let d = d.launch();
+
+    // This process (uid 0, an admin) is not enrolled; uid OTHER is.
+    let enroll_with =
+        |headers: &[(&str, &str)]| http(&d.socket, "POST", "/v1/admin/totp/enroll", headers, b"{}");
+    let r = enroll_with(&[]);
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (401, "verification_required"),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("X-Verification-Uid"), "{}", r.text());
+    let code = next_code(&d, &other);
+    let other_uid = OTHER.to_string();
+    for (uid, code, status, error) in [
+        (other_uid.as_str(), wrong(&code), 401, "verification_failed"),
+        ("4242", code.clone(), 401, "verification_uid_not_admin"),
+        ("0", code.clone(), 401, "totp_not_enrolled"),
+        ("x", code.clone(), 400, "invalid_verification_uid"),
+    ] {
+        let r = enroll_with(&[("X-Verification-Uid", uid), ("X-Verification-Code", &code)]);
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (status, error),
+            "X-Verification-Uid {uid}: {}",
+            r.text()
+        );
+    }
+
+    // The enrolled admin's code vouches, from the command line.
+    let child = Command::new(BIN)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["admin", "totp-enroll", "--code-uid", &other_uid, "--code"])
+        .arg(&code)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mine = type_back(child, |secret| oathtool(secret, clock(&d, 0)));
+    assert_eq!(create(&d, "SE", Some(&next_code(&d, &mine))).status, 201);
+
+    // Now enrolled: replacing the secret takes this uid's own code, not another admin's.
+    let r = enroll_with(&[
+        ("X-Verification-Uid", &other_uid),
+        ("X-Verification-Code", &next_code(&d, &other)),
+    ]);
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "invalid_verification_uid"),
+        "{}",
+        r.text()
+    );
+    let again = enroll(&d, &[("X-Verification-Code", &next_code(&d, &mine))]);
+    assert_ne!(again, mine);
+
+    let audit = audit_details(&d).join("\n");
+    for expected in [
+        "totp-enroll refused bootstrap_required",
+        &format!("totp-enroll ok verification secret of uid {OTHER} enrolled offline"),
+        "totp-enroll refused verification_required",
+        &format!("totp-enroll refused verification_failed: the verification code is wrong (the code of uid {OTHER}"),
+        "totp-enroll refused verification_uid_not_admin",
+        &format!("totp-vouch ok uid {OTHER}'s verification code vouched for the first enrollment of uid 0"),
+        &format!("totp-enroll ok verification secret enrolled (first enrollment, vouched for by uid {OTHER}'s code)"),
+        "totp-enroll ok verification secret replaced",
+    ] {
+        assert!(audit.contains(expected), "{expected} missing from:\n{audit}");
+    }
+    let log = d.log_text();
+    for secret in [&other, &mine, &again] {
+        assert!(!log.contains(secret.as_str()));
+    }
+    assert!(!log.contains(&code));
+}
+
+/// `verification.mode = "off"`: nothing to enroll, whatever the headers say.
+#[test]
+fn verification_off_enrolls_nothing() {
+    let d = Daemon::start();
+    let r = http(
+        &d.socket,
+        "POST",
+        "/v1/admin/totp/enroll",
+        &[("X-Verification-Uid", "x"), ("X-Verification-Code", "1")],
+        b"{}",
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (409, "verification_off"),
+        "{}",
+        r.text()
+    );
 }

@@ -185,7 +185,9 @@ pub async fn admin(
         }
     }
     .await;
-    if let Err(e) = &result {
+    if let Err(Error::Forbidden { .. }) = &result {
+        refused_without_role(app, peer, action.name()).await;
+    } else if let Err(e) = &result {
         let outcome = match e {
             Error::Unavailable { .. } | Error::Integrity { .. } | Error::Internal { .. } => {
                 "failed"
@@ -210,6 +212,46 @@ pub async fn admin(
         app.keyring.audit(entry).await;
     }
     result
+}
+
+/// A peer without the role for an admin action: logged, counted (`keyd_requests` by route
+/// and status 403), and audited at most once a minute per uid as a summary.
+pub(super) async fn refused_without_role(app: &App, peer: &Peer, action: &str) {
+    tracing::debug!(
+        uid = peer.uid,
+        pid = peer.pid,
+        action,
+        "refused: no admin role"
+    );
+    let now = app.keyring.clock().now().unix_timestamp();
+    if let Some(s) = app.refusals.note(peer.uid, peer.gid, now) {
+        app.keyring.audit(refusal_summary(app, &s)).await;
+    }
+}
+
+/// The audit entry of a refusal summary.
+pub(crate) fn refusal_summary(app: &App, s: &super::refusals::Summary) -> crate::audit::AuditEntry {
+    let actor = Actor::Peer {
+        uid: s.uid,
+        gid: s.gid,
+        pid: None,
+    };
+    tracing::warn!(
+        uid = s.uid,
+        count = s.count,
+        "admin requests refused: no admin role"
+    );
+    app.keyring
+        .audit_entry(&actor, "refused-no-role", None)
+        .outcome(
+            "refused",
+            format!(
+                "forbidden: refused {} time(s) since {} (uid {} is not in access.admins)",
+                s.count,
+                crate::clock::rfc3339(s.since),
+                s.uid
+            ),
+        )
 }
 
 async fn authorize_admin(
@@ -366,12 +408,15 @@ pub async fn enroll(
                 .headers()
                 .get(VERIFICATION_HEADER)
                 .and_then(|v| v.to_str().ok());
-            let enrollment = app.verifier.enroll_begin(peer, code).await?;
+            let voucher = voucher(app, &req).await?;
+            let enrollment = app.verifier.enroll_begin(peer, code, voucher).await?;
             Ok(response::json(StatusCode::OK, &enrollment))
         }
     }
     .await;
-    if let Err(e) = &result {
+    if let Err(Error::Forbidden { .. }) = &result {
+        refused_without_role(app, peer, "totp-enroll").await;
+    } else if let Err(e) = &result {
         tracing::warn!(uid = peer.uid, pid = peer.pid, error = %e, "TOTP enrollment refused");
         let entry = app
             .keyring
@@ -380,6 +425,56 @@ pub async fn enroll(
         app.keyring.audit(entry).await;
     }
     result
+}
+
+/// The enrolled admin named by `X-Verification-Uid`, whose code vouches for a first
+/// enrollment: it must be in access.admins now (its uid, primary group and supplementary
+/// groups from the user database). Not read when verification is off.
+async fn voucher(app: &App, req: &Request<Incoming>) -> Result<Option<u32>> {
+    let Some(value) = req.headers().get(crate::verify::VOUCHER_HEADER) else {
+        return Ok(None);
+    };
+    if app.verifier.mode() == "off" {
+        return Ok(None);
+    }
+    let uid = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u32>().ok())
+        .ok_or_else(|| {
+            Error::bad_input(
+                "invalid_verification_uid",
+                "X-Verification-Uid must be the uid (a number) of the enrolled admin whose code X-Verification-Code carries",
+            )
+        })?;
+    let groups = tokio::task::spawn_blocking(move || groups_of(uid))
+        .await
+        .unwrap_or_default();
+    if !app.access.load().admins.admits(uid, &groups) {
+        return Err(Error::unauthorized(
+            "verification_uid_not_admin",
+            format!("uid {uid} is not in access.admins: only an enrolled admin's code vouches for a first enrollment"),
+        ));
+    }
+    Ok(Some(uid))
+}
+
+/// A uid's primary and supplementary groups from the user database (none if it has no
+/// entry there).
+fn groups_of(uid: u32) -> Vec<u32> {
+    use nix::unistd::{getgrouplist, Uid, User};
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
+        return Vec::new();
+    };
+    let mut groups = vec![user.gid.as_raw()];
+    if let Ok(name) = std::ffi::CString::new(user.name) {
+        if let Ok(list) = getgrouplist(&name, user.gid) {
+            groups.extend(list.into_iter().map(|g| g.as_raw()));
+        }
+    }
+    groups
 }
 
 /// `GET /v1/audit?since=SEQ`: admins only; up to 1000 entries after SEQ.

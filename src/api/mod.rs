@@ -5,10 +5,12 @@ mod admin;
 mod conn;
 mod peer;
 mod records;
+mod refusals;
 pub mod response;
 mod routes;
 
 pub use peer::{Peer, Role};
+pub use refusals::Refusals;
 pub use routes::VERIFICATION_HEADER;
 
 use std::sync::Arc;
@@ -36,6 +38,7 @@ pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl std::fu
     let graceful = GracefulShutdown::new();
     let limiter = Arc::new(conn::Limiter::default());
     let trimmer = tokio::spawn(conn::trim_after_bursts(limiter.clone()));
+    let summaries = tokio::spawn(audit_refusal_summaries(app.clone()));
     let mut last_refusal_log: Option<std::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -100,8 +103,21 @@ pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl std::fu
     }
     drop(listener);
     trimmer.abort();
+    summaries.abort();
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(DRAIN) => tracing::warn!("drain timed out; closing remaining connections"),
+    }
+}
+
+/// Audits, once a minute, the refusal summaries of uids whose refusals stopped.
+async fn audit_refusal_summaries(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        tick.tick().await;
+        let now = app.keyring.clock().now().unix_timestamp();
+        for s in app.refusals.due(now) {
+            app.keyring.audit(admin::refusal_summary(&app, &s)).await;
+        }
     }
 }

@@ -20,6 +20,7 @@ pub struct Peer {
     pub pid: Option<i32>,
     /// Primary and supplementary groups of the peer process at connect time.
     pub groups: Vec<u32>,
+    /// The role under the access lists in force when the current request began.
     pub role: Role,
 }
 
@@ -28,21 +29,27 @@ impl Peer {
         let cred = stream.peer_cred()?;
         let mut groups = peer_groups(stream).unwrap_or_default();
         groups.push(cred.gid());
-        let (uid, gid) = (cred.uid(), cred.gid());
-        let role = if access.admins.admits(uid, &groups) {
+        let mut peer = Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+            groups,
+            role: Role::None,
+        };
+        peer.role = peer.role_in(access);
+        Ok(peer)
+    }
+
+    /// The role these credentials have under `access` (the lists in force may have changed
+    /// since the connection was accepted).
+    pub fn role_in(&self, access: &AccessPolicy) -> Role {
+        if access.admins.admits(self.uid, &self.groups) {
             Role::Admin
-        } else if access.readers.admits(uid, &groups) {
+        } else if access.readers.admits(self.uid, &self.groups) {
             Role::Reader
         } else {
             Role::None
-        };
-        Ok(Peer {
-            uid,
-            gid,
-            pid: cred.pid(),
-            groups,
-            role,
-        })
+        }
     }
 }
 

@@ -1,13 +1,19 @@
 //! Record encryption, decryption and rewrap in the InCountry SDK format, single and batch.
 //! Keys come from the live snapshot (no HSM round trip per record); the AES work of a batch
 //! runs on a blocking thread, off the async runtime.
+//!
+//! Every encryption (encrypt, and rewrap into the active version) is taken from the
+//! version's durable count first (`keyring::counters::EncryptionLedger`); past its limit the
+//! item gets 409 `encryption_limit`.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 
 use hyper::{Response, StatusCode};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::response::{self, Body};
 use crate::crypto::{self, Format};
@@ -71,13 +77,122 @@ struct CipherItem {
 /// Counts to add once a request is done: (version, what) → n.
 type Tally = HashMap<(u32, Count), u64>;
 
-pub async fn handle(app: &App, id: KeyId, op: Op, body: Option<Value>) -> Result<Response<Body>> {
+/// A records request body: JSON whose objects name no field twice, at any depth. (serde_json's
+/// `Value` keeps the last of two equal keys, so `{"plaintext":"a","plaintext":"b"}` would
+/// encrypt "b".) A duplicate fails the parse with serde's "duplicate field" error, which
+/// the body reader answers with 400 `duplicate_field`.
+pub struct RecordsBody(Value);
+
+impl<'de> Deserialize<'de> for RecordsBody {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(Strict).map(RecordsBody)
+    }
+}
+
+/// Builds a `Value` like serde_json's own visitor, refusing an object key seen twice.
+struct Strict;
+
+impl<'de> de::DeserializeSeed<'de> for Strict {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(Strict)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(Strict)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(item) = seq.next_element_seed(Strict)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if object.contains_key(&name) {
+                // Named like serde's own error for typed bodies; a long name is not echoed.
+                return Err(if name.len() <= 64 {
+                    de::Error::custom(format_args!("duplicate field `{name}`"))
+                } else {
+                    de::Error::custom("duplicate field")
+                });
+            }
+            let value = map.next_value_seed(Strict)?;
+            object.insert(name, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// Encryptions a request may still make under the active version (taken from its durable
+/// count before the work).
+struct Budget {
+    left: u64,
+    limit: u64,
+}
+
+impl Budget {
+    /// One encryption under `version`, or 409 once the version's limit is reached.
+    fn take(&mut self, key: &KeyState, version: u32) -> Result<()> {
+        if self.left == 0 {
+            return Err(Error::conflict(
+                "encryption_limit",
+                format!(
+                    "{} version {version} has encrypted {} records, the most one version may (AES-GCM with random IVs is safe for 2^32 per key); no more are encrypted under it: rotate the key to a new version (incountry-keyd keys rotate {} {}), then encrypt or rewrap again",
+                    key.id, self.limit, key.id.env, key.id.country
+                ),
+            ));
+        }
+        self.left -= 1;
+        Ok(())
+    }
+}
+
+pub async fn handle(
+    app: &App,
+    id: KeyId,
+    op: Op,
+    body: Option<RecordsBody>,
+) -> Result<Response<Body>> {
     let key = app.keyring.key(&id)?;
     let limit = max_plaintext(app.config.load().server.max_body);
     if let Some(p) = &key.problem {
         return Err(Error::unavailable("root_key_missing", p));
     }
-    let Some(Value::Object(mut body)) = body else {
+    let Some(RecordsBody(Value::Object(mut body))) = body else {
         return Err(Error::bad_input(
             "invalid_request",
             format!(
@@ -111,11 +226,15 @@ pub async fn handle(app: &App, id: KeyId, op: Op, body: Option<Value>) -> Result
                 ),
             ));
         }
+        let (version, mut budget) = reserve(app, &key, op, items.len() as u64).await?;
         let worker_key = key.clone();
-        let (results, tally) =
-            tokio::task::spawn_blocking(move || run_batch(&worker_key, op, items, limit))
-                .await
-                .map_err(|e| Error::internal(format!("record worker: {e}")))?;
+        let (results, tally, budget) = tokio::task::spawn_blocking(move || {
+            let (results, tally) = run_batch(&worker_key, op, items, limit, &mut budget);
+            (results, tally, budget)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("record worker: {e}")))?;
+        release(app, &key.id, version, budget);
         count(app, &key.id, tally);
         let failed = results.iter().filter(|r| r.get("error").is_some()).count();
         Ok(response::json(
@@ -127,11 +246,44 @@ pub async fn handle(app: &App, id: KeyId, op: Op, body: Option<Value>) -> Result
             }),
         ))
     } else {
+        let (version, mut budget) = reserve(app, &key, op, 1).await?;
         let mut tally = Tally::new();
-        let result = run_one(&key, op, Value::Object(body), limit, &mut tally);
+        let result = run_one(
+            &key,
+            op,
+            Value::Object(body),
+            limit,
+            &mut tally,
+            &mut budget,
+        );
+        release(app, &key.id, version, budget);
         count(app, &key.id, tally);
         Ok(response::json(StatusCode::OK, &result?))
     }
+}
+
+/// Takes up to `items` encryptions under the active version from its durable count (none
+/// for decrypt, or while the active version cannot encrypt anyway).
+async fn reserve(app: &App, key: &KeyState, op: Op, items: u64) -> Result<(u32, Budget)> {
+    let ledger = app.keyring.records().encryptions();
+    let limit = ledger.limit();
+    let active = key.active().filter(|v| v.key().is_some());
+    let (version, wanted) = match (op, active) {
+        (Op::Encrypt | Op::Rewrap, Some(v)) => (v.version, items),
+        (_, v) => (v.map_or(0, |v| v.version), 0),
+    };
+    let left = ledger
+        .reserve(app.keyring.store().clone(), &key.id, version, wanted)
+        .await?;
+    Ok((version, Budget { left, limit }))
+}
+
+/// Gives back the encryptions a request took but did not make.
+fn release(app: &App, id: &KeyId, version: u32, budget: Budget) {
+    app.keyring
+        .records()
+        .encryptions()
+        .release(id, version, budget.left);
 }
 
 fn count(app: &App, id: &KeyId, tally: Tally) {
@@ -140,24 +292,40 @@ fn count(app: &App, id: &KeyId, tally: Tally) {
     }
 }
 
-fn run_batch(key: &KeyState, op: Op, items: Vec<Value>, limit: usize) -> (Vec<Value>, Tally) {
+fn run_batch(
+    key: &KeyState,
+    op: Op,
+    items: Vec<Value>,
+    limit: usize,
+    budget: &mut Budget,
+) -> (Vec<Value>, Tally) {
     let mut tally = Tally::new();
     let results = items
         .into_iter()
-        .map(|item| match run_one(key, op, item, limit, &mut tally) {
-            Ok(v) => v,
-            Err(e) => json!({"error": {
-                "code": e.code(),
-                "status": response::status_of(&e).as_u16(),
-                "message": e.to_string(),
-            }}),
-        })
+        .map(
+            |item| match run_one(key, op, item, limit, &mut tally, budget) {
+                Ok(v) => v,
+                Err(e) => json!({"error": {
+                    "code": e.code(),
+                    "status": response::status_of(&e).as_u16(),
+                    "message": e.to_string(),
+                }}),
+            },
+        )
         .collect();
     (results, tally)
 }
 
-/// One item; `limit` is the largest plaintext to encrypt (see [`max_plaintext`]).
-fn run_one(key: &KeyState, op: Op, item: Value, limit: usize, tally: &mut Tally) -> Result<Value> {
+/// One item; `limit` is the largest plaintext to encrypt (see [`max_plaintext`]); each
+/// encryption is taken from `budget`.
+fn run_one(
+    key: &KeyState,
+    op: Op,
+    item: Value,
+    limit: usize,
+    tally: &mut Tally,
+    budget: &mut Budget,
+) -> Result<Value> {
     match op {
         Op::Encrypt => {
             let item: EncryptItem = parse(op, item)?;
@@ -169,6 +337,7 @@ fn run_one(key: &KeyState, op: Op, item: Value, limit: usize, tally: &mut Tally)
                 });
             }
             let (version, data_key) = active(key)?;
+            budget.take(key, version)?;
             let ciphertext = crypto::encrypt(data_key.expose(), item.plaintext.as_bytes())?;
             *tally.entry((version, Count::Encrypted)).or_default() += 1;
             Ok(json!({"ciphertext": ciphertext, "version": version}))
@@ -194,6 +363,7 @@ fn run_one(key: &KeyState, op: Op, item: Value, limit: usize, tally: &mut Tally)
                     "rewrapped": false,
                 }));
             }
+            budget.take(key, active_version)?;
             let ciphertext = crypto::encrypt(data_key.expose(), &plain)?;
             *tally.entry((active_version, Count::Rewrapped)).or_default() += 1;
             if let Some(v) = version {
@@ -290,5 +460,64 @@ mod tests {
         let request = json!({"batch": [{"ciphertext": ct, "version": u32::MAX}]}).to_string();
         assert!(request.len() > max_body);
         assert_eq!(max_plaintext(10), 0);
+    }
+
+    #[test]
+    fn a_field_twice_is_refused_at_any_depth() {
+        let parse = |t: &str| serde_json::from_str::<RecordsBody>(t).map(|b| b.0);
+        for dup in [
+            r#"{"plaintext":"a","plaintext":"b"}"#,
+            r#"{"ciphertext":"2:x","version":1,"version":2}"#,
+            r#"{"batch":[{"plaintext":"a"}],"batch":[]}"#,
+            r#"{"batch":[{"plaintext":"a"},{"plaintext":"a","plaintext":"b"}]}"#,
+            r#"{"batch":[{"x":{"y":1,"y":2}}]}"#,
+        ] {
+            let e = parse(dup).unwrap_err();
+            assert!(e.to_string().starts_with("duplicate field"), "{dup}: {e}");
+            assert_eq!(e.classify(), serde_json::error::Category::Data, "{dup}");
+        }
+        let e = parse(&format!(r#"{{"{0}":1,"{0}":2}}"#, "k".repeat(100))).unwrap_err();
+        assert!(!e.to_string().contains("kkkk"), "{e}");
+        // Everything else reads as serde_json reads it.
+        for ok in [
+            r#"{"plaintext":"a"}"#,
+            r#"{"batch":[{"plaintext":"a"},{"plaintext":"a"}],"x":[1,-2,3.5,null,true,{"a":{}}]}"#,
+            r#"[{"a":1},{"a":1}]"#,
+            r#""text""#,
+            r#"18446744073709551615"#,
+        ] {
+            assert_eq!(
+                parse(ok).unwrap(),
+                serde_json::from_str::<Value>(ok).unwrap(),
+                "{ok}"
+            );
+        }
+        assert_eq!(
+            parse("{\"a\":").unwrap_err().classify(),
+            serde_json::error::Category::Eof
+        );
+    }
+
+    #[test]
+    fn budget_refuses_once_spent() {
+        let id = KeyId::parse("p", "DE").unwrap();
+        let key = KeyState {
+            id,
+            rotation_period_days: Some(30),
+            created: 0,
+            problem: None,
+            versions: Vec::new(),
+        };
+        let mut b = Budget { left: 2, limit: 8 };
+        b.take(&key, 3).unwrap();
+        b.take(&key, 3).unwrap();
+        let e = b.take(&key, 3).unwrap_err();
+        assert_eq!(e.code(), "encryption_limit");
+        assert_eq!(response::status_of(&e), StatusCode::CONFLICT);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("p/DE version 3") && msg.contains("rotate"),
+            "{msg}"
+        );
     }
 }

@@ -106,6 +106,16 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    // The role under the access lists in force now: a reload reaches open connections.
+    let role = peer.role_in(&app.access.load());
+    let peer = if role == peer.role {
+        peer
+    } else {
+        Arc::new(Peer {
+            role,
+            ..(*peer).clone()
+        })
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let route = Route::parse(&path);
@@ -137,8 +147,8 @@ pub async fn handle(
 }
 
 async fn dispatch(
-    app: &App,
-    peer: &Peer,
+    app: &Arc<App>,
+    peer: &Arc<Peer>,
     route: Option<Route<'_>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
@@ -161,7 +171,7 @@ async fn dispatch(
         )));
     }
     match (route, method) {
-        (Route::Health, _) => Ok(health(app).await),
+        (Route::Health, _) => Ok(health(app, peer.role).await),
         (Route::Keys, _) => Ok(list(app)),
         (Route::Key(env, country), Method::GET) => {
             let key = app.keyring.key(&KeyId::parse(env, country)?)?;
@@ -171,17 +181,27 @@ async fn dispatch(
             ))
         }
         (Route::Key(env, country), Method::POST) => {
-            admin(app, peer, AdminAction::Create, env, country, req).await
+            detached_admin(app, peer, AdminAction::Create, env, country, req).await
         }
         (Route::Key(env, country), _) => {
-            admin(app, peer, AdminAction::Settings, env, country, req).await
+            detached_admin(app, peer, AdminAction::Settings, env, country, req).await
         }
         (Route::Rotate(env, country), _) => {
-            admin(app, peer, AdminAction::Rotate, env, country, req).await
+            detached_admin(app, peer, AdminAction::Rotate, env, country, req).await
         }
         (Route::Audit, _) => audit(app, peer, req.uri().query()),
-        (Route::TotpEnroll, _) => enroll(app, peer, req, false).await,
-        (Route::TotpConfirm, _) => enroll(app, peer, req, true).await,
+        (Route::TotpEnroll, _) => {
+            detached(app, peer, move |app, peer| async move {
+                enroll(&app, &peer, req, false).await
+            })
+            .await
+        }
+        (Route::TotpConfirm, _) => {
+            detached(app, peer, move |app, peer| async move {
+                enroll(&app, &peer, req, true).await
+            })
+            .await
+        }
         (Route::Metrics, _) => {
             let now = app.keyring.clock().now().unix_timestamp();
             let text = app.metrics.render(&app.keyring.snapshot(), now);
@@ -201,14 +221,41 @@ async fn dispatch(
         }
         (Route::Secrets(env, country), _) => {
             let id = KeyId::parse(env, country)?;
-            secrets(app, id, &req).await
+            secrets(app, peer, id, &req).await
         }
         #[cfg(feature = "test-clock")]
         (Route::TestClock, _) => test_clock(app, peer, req).await,
     }
 }
 
-async fn health(app: &App) -> Response<Body> {
+/// Runs a change on a task of its own: a client that goes away cancels its request, never
+/// a change half made (HSM, commit, publish run to their end).
+async fn detached<F, Fut>(app: &Arc<App>, peer: &Arc<Peer>, change: F) -> Result<Response<Body>>
+where
+    F: FnOnce(Arc<App>, Arc<Peer>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Body>>> + Send + 'static,
+{
+    tokio::spawn(change(app.clone(), peer.clone()))
+        .await
+        .map_err(|e| Error::internal(format!("change task failed: {e}")))?
+}
+
+async fn detached_admin(
+    app: &Arc<App>,
+    peer: &Arc<Peer>,
+    action: AdminAction,
+    env: &str,
+    country: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let (env, country) = (env.to_string(), country.to_string());
+    detached(app, peer, move |app, peer| async move {
+        admin(&app, &peer, action, &env, &country, req).await
+    })
+    .await
+}
+
+async fn health(app: &App, role: Role) -> Response<Body> {
     // The ping proves the session against the token; a failure makes the worker reconnect.
     let hsm = app.keyring.hsm();
     let ping = tokio::time::timeout(Duration::from_secs(2), hsm.call(|h| h.ping())).await;
@@ -250,6 +297,10 @@ async fn health(app: &App) -> Response<Body> {
     }
     if let Some(e) = state_error {
         doc["state_error"] = json!(e);
+    }
+    if role == Role::None {
+        // Key names, versions and KMS errors (account ids, ARNs) are for readers only.
+        doc = json!({ "status": doc["status"] });
     }
     response::json(StatusCode::OK, &doc)
 }
@@ -326,7 +377,12 @@ pub(super) fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a 
 
 /// The secrets document, with ETag; `If-None-Match` + `?wait=S` holds the request until the
 /// key's versions change (woken by the keyring, no polling) or the wait runs out (304).
-async fn secrets(app: &App, id: KeyId, req: &Request<Incoming>) -> Result<Response<Body>> {
+async fn secrets(
+    app: &App,
+    peer: &Peer,
+    id: KeyId,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>> {
     let wait = wait_param(req.uri().query())?;
     let if_none_match = req
         .headers()
@@ -336,6 +392,7 @@ async fn secrets(app: &App, id: KeyId, req: &Request<Incoming>) -> Result<Respon
     // Subscribe before reading the state so that no change can slip in between.
     let mut changes = app.keyring.subscribe();
     let mut stopping = app.stopping.subscribe();
+    let mut access = app.access_changed.subscribe();
     let mut key = app.keyring.key(&id)?;
     let mut etag = key.etag();
     if let Some(tag) = &if_none_match {
@@ -350,6 +407,14 @@ async fn secrets(app: &App, id: KeyId, req: &Request<Incoming>) -> Result<Respon
                 }
                 _ = tokio::time::sleep_until(deadline) => return Ok(not_modified(tag)),
                 _ = stopping.wait_for(|s| *s) => return Ok(not_modified(tag)),
+                _ = access.changed() => {
+                    if peer.role_in(&app.access.load()) < Role::Reader {
+                        return Err(Error::forbidden(format!(
+                            "uid {} lost its access while waiting",
+                            peer.uid
+                        )));
+                    }
+                }
             }
         }
     }
@@ -461,6 +526,10 @@ fn json_error(e: serde_json::Error) -> Error {
         ),
         Category::Data if e.to_string().starts_with("unknown field") => {
             Error::bad_input("unknown_field", e)
+        }
+        // A key twice in one object: serde's typed bodies and `records::RecordsBody`.
+        Category::Data if e.to_string().starts_with("duplicate field") => {
+            Error::bad_input("duplicate_field", e)
         }
         Category::Data => Error::bad_input("invalid_request", e),
     }

@@ -59,8 +59,23 @@ fn prompt(text: &str) -> anyhow::Result<String> {
     Ok(line.trim().to_string())
 }
 
-pub(super) async fn totp_enroll(client: &Client, code: Code) -> anyhow::Result<ExitCode> {
-    let headers = code_header(code.code.as_deref());
+pub(super) async fn totp_enroll(
+    client: &Client,
+    code: Code,
+    code_uid: Option<u32>,
+) -> anyhow::Result<ExitCode> {
+    let mut code = code.code;
+    if code_uid.is_some() && code.is_none() {
+        if !std::io::stdin().is_terminal() {
+            bail!("--code-uid needs --code (a code of that admin's authenticator)");
+        }
+        code = Some(prompt("Verification code of the vouching admin: ")?);
+    }
+    let code_uid = code_uid.map(|u| u.to_string());
+    let mut headers = code_header(code.as_deref());
+    if let Some(uid) = &code_uid {
+        headers.push((crate::verify::VOUCHER_HEADER, uid));
+    }
     let reply = ok(client
         .request(
             Method::POST,
@@ -70,7 +85,18 @@ pub(super) async fn totp_enroll(client: &Client, code: Code) -> anyhow::Result<E
         )
         .await?)?;
     let doc = reply.json()?;
-    let uri = doc["otpauth_uri"].as_str().unwrap_or_default();
+    show_enrollment(doc["otpauth_uri"].as_str().unwrap_or_default());
+    let code = prompt("Code: ")?;
+    let body = json!({ "code": code }).to_string().into_bytes();
+    ok(client
+        .request(Method::POST, "/v1/admin/totp/confirm", &[], Some(body))
+        .await?)?;
+    println!("Enrolled: admin changes by this uid now need a code from this secret.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the otpauth URI (and its QR code on a terminal) and what to do with it.
+fn show_enrollment(uri: &str) {
     if std::io::stdout().is_terminal() {
         if let Ok(qr) = qrcode::QrCode::new(uri.as_bytes()) {
             println!(
@@ -83,12 +109,71 @@ pub(super) async fn totp_enroll(client: &Client, code: Code) -> anyhow::Result<E
     }
     println!("otpauth URI: {uri}");
     println!("Add it to your authenticator app, then type the code it shows.");
-    let code = prompt("Code: ")?;
-    let body = json!({ "code": code }).to_string().into_bytes();
-    ok(client
-        .request(Method::POST, "/v1/admin/totp/confirm", &[], Some(body))
-        .await?)?;
-    println!("Enrolled: admin changes by this uid now need a code from this secret.");
+}
+
+/// The offline bootstrap of a uid's first TOTP secret, as root with the daemon stopped:
+/// takes the state lock, opens the HSM as the daemon does, makes and shows the secret, and
+/// stores it sealed by the HSM system key once a code from it is typed back (audited).
+pub(super) fn totp_bootstrap(
+    uid: u32,
+    state_dir: Option<PathBuf>,
+    config_path: &Path,
+) -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("totp-enroll --uid must run as root");
+    }
+    let config = Config::load(config_path)?;
+    let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
+    // The secret passes through this process: no core dumps, no ptrace by others.
+    crate::keyring::harden_process();
+    // Takes the state lock: refuses while the daemon runs.
+    let store = std::sync::Arc::new(crate::store::Store::open(&dir)?);
+    if config.verification.mode == crate::config::VerificationMode::Off {
+        eprintln!(
+            "note: verification.mode is \"off\": the daemon asks for no codes until it is \"totp\""
+        );
+    }
+    let (hsm, hsm_thread) = crate::daemon::open_hsm(&config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async move {
+        let verifier = crate::verify::Verifier::new(
+            crate::config::VerificationMode::Totp,
+            store,
+            hsm,
+            crate::clock::default_clock(),
+        );
+        let enrollment = verifier.offline_enroll_begin(uid).await?;
+        show_enrollment(&enrollment.otpauth_uri);
+        drop(enrollment);
+        let actor = crate::audit::Actor::Peer {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            pid: Some(std::process::id() as i32),
+        };
+        const TRIES: u32 = 3;
+        for attempt in 1..=TRIES {
+            let code = prompt("Code: ")?;
+            if code.is_empty() {
+                bail!("no code typed: nothing enrolled");
+            }
+            match verifier.offline_enroll_confirm(uid, &code, &actor).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.code() == "verification_failed" && attempt < TRIES => {
+                    eprintln!("That code does not match the new secret; type the current one.");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the last try returns")
+    });
+    // Every HSM handle is gone with the runtime's task: let the worker log out and finalize
+    // the module before the process exits.
+    drop(runtime);
+    hsm_thread.wait(std::time::Duration::from_secs(10));
+    result?;
+    println!("uid {uid} enrolled: its admin changes now need a code from this secret.");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 mod admin;
 mod table;
 
-use admin::{admin, totp_enroll, totp_reset};
+use admin::{admin, totp_bootstrap, totp_enroll, totp_reset};
 use table::{print_key, print_key_list, text};
 
 use crate::client::{Client, Reply};
@@ -100,10 +100,23 @@ enum Cmd {
 #[derive(Subcommand)]
 enum AdminCmd {
     /// Enroll (or replace) your TOTP secret: prints an otpauth:// URI and a QR code, then
-    /// activates the secret once you type a code from your authenticator.
+    /// activates the secret once you type a code from your authenticator. Replacing needs
+    /// --code from your current secret; a first enrollment needs --code-uid and --code of
+    /// another enrolled admin, or, as root with the daemon stopped, --uid (offline bootstrap:
+    /// the only way while no admin is enrolled).
     TotpEnroll {
         #[command(flatten)]
         code: Code,
+        /// The enrolled admin whose code --code is, vouching for your first enrollment.
+        #[arg(long, value_name = "UID")]
+        code_uid: Option<u32>,
+        /// Offline bootstrap, as root with the daemon stopped: enroll this uid directly in
+        /// the state (sealed by the HSM; audited).
+        #[arg(long, conflicts_with_all = ["code", "code_uid"])]
+        uid: Option<u32>,
+        /// State directory, with --uid (default: state.dir from the config).
+        #[arg(long, requires = "uid")]
+        state_dir: Option<PathBuf>,
     },
     /// Offline, as root, with the daemon stopped: remove a uid's TOTP secret (audited).
     TotpReset {
@@ -258,6 +271,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Admin {
             cmd: AdminCmd::TotpReset { uid, state_dir },
         } => totp_reset(uid, state_dir, &config_path),
+        Cmd::Admin {
+            cmd:
+                AdminCmd::TotpEnroll {
+                    uid: Some(uid),
+                    state_dir,
+                    ..
+                },
+        } => totp_bootstrap(uid, state_dir, &config_path),
         cmd => {
             let socket = socket_path(cli.socket.as_deref(), &config_path);
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -322,8 +343,8 @@ async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Resu
     match cmd {
         Cmd::Keys { cmd } => keys(&client, cmd, as_json).await,
         Cmd::Admin {
-            cmd: AdminCmd::TotpEnroll { code },
-        } => totp_enroll(&client, code).await,
+            cmd: AdminCmd::TotpEnroll { code, code_uid, .. },
+        } => totp_enroll(&client, code, code_uid).await,
         Cmd::Secrets {
             env,
             country,

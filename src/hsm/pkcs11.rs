@@ -157,7 +157,8 @@ impl Pkcs11Hsm {
         Ok(h)
     }
 
-    /// Whether a found root key object is whole: an AES key allowed to encrypt and decrypt.
+    /// Whether a found root key object is whole: a 32-byte AES key allowed to encrypt and
+    /// decrypt, that does encrypt.
     fn usable(&self, h: ObjectHandle) -> Result<bool, HsmError> {
         let wanted = [
             AttributeType::KeyType,
@@ -191,7 +192,22 @@ impl Pkcs11Hsm {
                 _ => {}
             }
         }
-        Ok(whole.iter().all(|w| *w))
+        if !whole.iter().all(|w| *w) {
+            return Ok(false);
+        }
+        // Attributes can be whole while the key value is not: a GCM encryption of nothing,
+        // under a fresh IV, proves the object works (its tag is thrown away).
+        let session = self.session()?;
+        let mut iv = [0u8; WRAP_IV_LEN];
+        session.generate_random_slice(&mut iv).map_err(classify)?;
+        let params = GcmParams::new(&mut iv, &[], TAG_BITS.into()).map_err(classify)?;
+        match session.encrypt(&Mechanism::AesGcm(params), h, &[]) {
+            Ok(_) => Ok(true),
+            Err(e) => match classify(e) {
+                HsmError::Rejected(_) => Ok(false),
+                other => Err(other),
+            },
+        }
     }
 
     fn generate_root(&self, label: &str) -> Result<ObjectHandle, HsmError> {

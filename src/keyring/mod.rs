@@ -246,13 +246,15 @@ impl Keyring {
             }
             Some((aws, plaintext)) => {
                 let (iv, sealed, root_created) = self
-                    .seal_aws_secret(id, version, &aws.secret_access_key)
+                    .seal_aws_secret(id, version, &aws::mark_checked(&aws.secret_access_key))
                     .await?;
+                let check = self.seal_key_check(id, version, &aws, &plaintext).await?;
                 let stored = StoredAws {
                     region: aws.region.clone(),
                     encrypted_key: aws.encrypted_key.clone(),
                     cmk_arn: aws.cmk_arn.clone(),
                     access_key_id: aws.access_key_id.clone(),
+                    check: Some(check),
                 };
                 (
                     plaintext,

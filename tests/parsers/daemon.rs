@@ -13,7 +13,6 @@ use std::time::Duration;
 use aes_gcm::aead::rand_core::RngCore;
 use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
-use arc_swap::ArcSwap;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -27,8 +26,6 @@ use incountry_keyd::daemon::App;
 use incountry_keyd::hsm::{Hsm, HsmError, HsmWorker, WRAP_IV_LEN};
 use incountry_keyd::keyring::Keyring;
 use incountry_keyd::kms::{AwsKeyRef, DecryptFuture, KmsDecrypt};
-use incountry_keyd::metrics::Metrics;
-use incountry_keyd::rotation::RotatorStatus;
 use incountry_keyd::store::Store;
 use incountry_keyd::verify::Verifier;
 
@@ -202,16 +199,7 @@ impl Daemon {
             .await
             .unwrap();
             let verifier = Verifier::new(config.verification.mode, store, hsm, clock.clone());
-            Arc::new(App {
-                metrics: Metrics::new(keyring.hsm().error_counter()),
-                keyring,
-                access: ArcSwap::from_pointee(config.access_policy().unwrap()),
-                config: ArcSwap::from_pointee(config),
-                verifier,
-                stopping: tokio::sync::watch::channel(false).0,
-                rotator: RotatorStatus::default(),
-                clock_changed: tokio::sync::watch::channel(0).0,
-            })
+            Arc::new(App::new(keyring, config, verifier).unwrap())
         });
         let listener = {
             let _rt = runtime.enter();

@@ -22,9 +22,10 @@ fn totp_daemon() -> &'static TotpDaemon {
     D.get_or_init(|| {
         let d = Daemon::start("totp");
         let peer = me();
+        // The first admin is enrolled by the offline bootstrap's path (no code from anyone).
         let enrollment = d
             .runtime
-            .block_on(d.app.verifier.enroll_begin(&peer, None))
+            .block_on(d.app.verifier.offline_enroll_begin(peer.uid))
             .unwrap();
         let secret = totp_rs::Secret::try_from_base32(&enrollment.secret_base32).unwrap();
         let totp = totp_rs::Builder::new()
@@ -37,7 +38,11 @@ fn totp_daemon() -> &'static TotpDaemon {
             .unwrap();
         let code = totp.generate(d.now() as u64).to_string();
         d.runtime
-            .block_on(d.app.verifier.enroll_confirm(&peer, &code))
+            .block_on(d.app.verifier.offline_enroll_confirm(
+                peer.uid,
+                &code,
+                &incountry_keyd::audit::Actor::of(&peer),
+            ))
             .unwrap();
         // The key the header tests change, made through the API with a fresh code.
         d.clock.advance(30);
