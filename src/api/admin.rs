@@ -7,9 +7,10 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::body::read_json;
 use super::peer::{Peer, Role};
 use super::response::{self, Body};
-use super::routes::{key_document, query_param, read_json, VERIFICATION_HEADER};
+use super::routes::{key_document, query_param, VERIFICATION_HEADER};
 use crate::audit::Actor;
 use crate::daemon::App;
 use crate::error::{Error, Result};
@@ -186,7 +187,7 @@ pub async fn admin(
     }
     .await;
     if let Err(Error::Forbidden { .. }) = &result {
-        refused_without_role(app, peer, action.name()).await;
+        super::refusals::refused_without_role(app, peer, action.name()).await;
     } else if let Err(e) = &result {
         let outcome = match e {
             Error::Unavailable { .. } | Error::Integrity { .. } | Error::Internal { .. } => {
@@ -212,46 +213,6 @@ pub async fn admin(
         app.keyring.audit(entry).await;
     }
     result
-}
-
-/// A peer without the role for an admin action: logged, counted (`keyd_requests` by route
-/// and status 403), and audited at most once a minute per uid as a summary.
-pub(super) async fn refused_without_role(app: &App, peer: &Peer, action: &str) {
-    tracing::debug!(
-        uid = peer.uid,
-        pid = peer.pid,
-        action,
-        "refused: no admin role"
-    );
-    let now = app.keyring.clock().now().unix_timestamp();
-    if let Some(s) = app.refusals.note(peer.uid, peer.gid, now) {
-        app.keyring.audit(refusal_summary(app, &s)).await;
-    }
-}
-
-/// The audit entry of a refusal summary.
-pub(crate) fn refusal_summary(app: &App, s: &super::refusals::Summary) -> crate::audit::AuditEntry {
-    let actor = Actor::Peer {
-        uid: s.uid,
-        gid: s.gid,
-        pid: None,
-    };
-    tracing::warn!(
-        uid = s.uid,
-        count = s.count,
-        "admin requests refused: no admin role"
-    );
-    app.keyring
-        .audit_entry(&actor, "refused-no-role", None)
-        .outcome(
-            "refused",
-            format!(
-                "forbidden: refused {} time(s) since {} (uid {} is not in access.admins)",
-                s.count,
-                crate::clock::rfc3339(s.since),
-                s.uid
-            ),
-        )
 }
 
 async fn authorize_admin(
@@ -415,7 +376,7 @@ pub async fn enroll(
     }
     .await;
     if let Err(Error::Forbidden { .. }) = &result {
-        refused_without_role(app, peer, "totp-enroll").await;
+        super::refusals::refused_without_role(app, peer, "totp-enroll").await;
     } else if let Err(e) = &result {
         tracing::warn!(uid = peer.uid, pid = peer.pid, error = %e, "TOTP enrollment refused");
         let entry = app

@@ -2,7 +2,9 @@
 //! request is routed in `routes`, and errors become statuses in `response`.
 
 mod admin;
+mod body;
 mod conn;
+mod health;
 mod peer;
 mod records;
 mod refusals;
@@ -117,7 +119,7 @@ async fn audit_refusal_summaries(app: Arc<App>) {
         tick.tick().await;
         let now = app.keyring.clock().now().unix_timestamp();
         for s in app.refusals.due(now) {
-            app.keyring.audit(admin::refusal_summary(&app, &s)).await;
+            app.keyring.audit(refusals::refusal_summary(&app, &s)).await;
         }
     }
 }

@@ -6,6 +6,10 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use super::Peer;
+use crate::audit::{Actor, AuditEntry};
+use crate::daemon::App;
+
 /// Seconds between two audit entries for one uid's refusals.
 pub const SUMMARY_SECONDS: i64 = 60;
 
@@ -85,6 +89,46 @@ impl Refusals {
         });
         out
     }
+}
+
+/// A peer without the role for an admin action: logged, counted (`keyd_requests` by route
+/// and status 403), and audited at most once a minute per uid as a summary.
+pub(super) async fn refused_without_role(app: &App, peer: &Peer, action: &str) {
+    tracing::debug!(
+        uid = peer.uid,
+        pid = peer.pid,
+        action,
+        "refused: no admin role"
+    );
+    let now = app.keyring.clock().now().unix_timestamp();
+    if let Some(s) = app.refusals.note(peer.uid, peer.gid, now) {
+        app.keyring.audit(refusal_summary(app, &s)).await;
+    }
+}
+
+/// The audit entry of a refusal summary.
+pub(crate) fn refusal_summary(app: &App, s: &Summary) -> AuditEntry {
+    let actor = Actor::Peer {
+        uid: s.uid,
+        gid: s.gid,
+        pid: None,
+    };
+    tracing::warn!(
+        uid = s.uid,
+        count = s.count,
+        "admin requests refused: no admin role"
+    );
+    app.keyring
+        .audit_entry(&actor, "refused-no-role", None)
+        .outcome(
+            "refused",
+            format!(
+                "forbidden: refused {} time(s) since {} (uid {} is not in access.admins)",
+                s.count,
+                crate::clock::rfc3339(s.since),
+                s.uid
+            ),
+        )
 }
 
 #[cfg(test)]

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, ETAG, IF_NONE_MATCH};
+use hyper::header::{HeaderValue, ETAG, IF_NONE_MATCH};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::admin::{admin, audit, enroll, AdminAction};
+use super::body::read_json;
+use super::health::health;
 use super::peer::{Peer, Role};
 use super::records::{self, Op};
 use super::response::{self, Body};
@@ -255,56 +255,6 @@ async fn detached_admin(
     .await
 }
 
-async fn health(app: &App, role: Role) -> Response<Body> {
-    // The ping proves the session against the token; a failure makes the worker reconnect.
-    let hsm = app.keyring.hsm();
-    let ping = tokio::time::timeout(Duration::from_secs(2), hsm.call(|h| h.ping())).await;
-    let hsm_error = match ping {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(_) => Some("HSM did not answer within 2 s".to_string()),
-    };
-    let state_error = app.keyring.state_unavailable();
-    let snap = app.keyring.snapshot();
-    let versions = snap.version_count();
-    let unavailable: Vec<String> = snap
-        .unavailable()
-        .map(|(k, v)| format!("{} v{}", k.id, v.version))
-        .collect();
-    let verification = app.verifier.mode();
-    let rotation = app.rotator.view();
-    let aws = app.keyring.aws_health();
-    let degraded = hsm_error.is_some()
-        || state_error.is_some()
-        || !unavailable.is_empty()
-        || verification == "off"
-        || !rotation.failing.is_empty()
-        || aws.status == "degraded";
-    let mut doc = json!({
-        "status": if degraded { "degraded" } else { "ok" },
-        "hsm": if hsm_error.is_some() { "unavailable" } else { "ok" },
-        "hsm_reconnects": hsm.status().reconnects,
-        "state": if state_error.is_some() { "unavailable" } else { "ok" },
-        "keys": snap.keys.len(),
-        "versions": versions,
-        "unavailable_versions": unavailable,
-        "verification": verification,
-        "rotation": rotation,
-        "aws": aws,
-    });
-    if let Some(e) = hsm_error {
-        doc["hsm_error"] = json!(e);
-    }
-    if let Some(e) = state_error {
-        doc["state_error"] = json!(e);
-    }
-    if role == Role::None {
-        // Key names, versions and KMS errors (account ids, ARNs) are for readers only.
-        doc = json!({ "status": doc["status"] });
-    }
-    response::json(StatusCode::OK, &doc)
-}
-
 fn months(days: u32) -> u32 {
     days / 30
 }
@@ -452,87 +402,6 @@ fn wait_param(query: Option<&str>) -> Result<Option<Duration>> {
         }
     }
     Ok(None)
-}
-
-/// Reads a JSON body of at most `server.max_body` bytes. `None` for an empty body.
-pub(super) async fn read_json<T: DeserializeOwned>(
-    app: &App,
-    req: Request<Incoming>,
-) -> Result<Option<T>> {
-    let max = app.config.load().server.max_body;
-    let too_large = || Error::TooLarge {
-        message: format!("request body is larger than server.max_body ({max} bytes)"),
-    };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    let deadline = req.extensions().get::<super::BodyDeadline>().map(|d| d.0);
-    let collect = Limited::new(req.into_body(), max).collect();
-    let collected = match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, collect)
-            .await
-            .map_err(|_| Error::RequestTimeout {
-                message: format!(
-                    "the request body did not arrive within server.request_timeout ({})",
-                    humantime::format_duration(app.config.load().server.request_timeout)
-                ),
-            })?,
-        None => collect.await,
-    };
-    let body = collected
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                Error::bad_input("bad_body", "cannot read the request body")
-            }
-        })?
-        .to_bytes();
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        None => return Ok(None),
-        // serde's derived structs also read a positional array of their fields: the
-        // contract's bodies are objects, named field by field.
-        Some(b'{') => {}
-        Some(_)
-            if std::str::from_utf8(&body).is_err()
-                || serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() =>
-        {
-            return Err(Error::bad_input(
-                "malformed_json",
-                "request body is not valid JSON",
-            ))
-        }
-        Some(_) => {
-            return Err(Error::bad_input(
-                "invalid_request",
-                "request body must be a JSON object",
-            ))
-        }
-    }
-    serde_json::from_slice(&body).map(Some).map_err(json_error)
-}
-
-fn json_error(e: serde_json::Error) -> Error {
-    use serde_json::error::Category;
-    match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => Error::bad_input(
-            "malformed_json",
-            format!("request body is not valid JSON: {e}"),
-        ),
-        Category::Data if e.to_string().starts_with("unknown field") => {
-            Error::bad_input("unknown_field", e)
-        }
-        // A key twice in one object: serde's typed bodies and `records::RecordsBody`.
-        Category::Data if e.to_string().starts_with("duplicate field") => {
-            Error::bad_input("duplicate_field", e)
-        }
-        Category::Data => Error::bad_input("invalid_request", e),
-    }
 }
 
 #[cfg(feature = "test-clock")]

@@ -5,6 +5,7 @@
 mod aws;
 mod counters;
 mod id;
+mod ledger;
 mod secret;
 mod state;
 

@@ -1,0 +1,289 @@
+//! Customer-supplied (aws) versions: registration checks with KMS, loading from state, and
+//! revalidation (decrypting again on a schedule, so that a customer who revokes their CMK
+//! stops our copy being served).
+//!
+//! The data key of an aws version lives only in memory. At start it is unavailable until
+//! the first successful KMS check. Each check is one KMS Decrypt:
+//! - success: the version serves (restored if it did not);
+//! - rejected (disabled, pending deletion, access denied, invalid ciphertext, credentials):
+//!   the version becomes unavailable at once and its key is dropped from memory;
+//! - transient (network, timeout, throttling): the cached key keeps serving and health is
+//!   degraded; retried with backoff; once `aws.max_stale` has passed since the last
+//!   successful check (by the daemon's clock), the version becomes unavailable.
+//!
+//! Key checks bind a version to what it was registered with. At registration the daemon
+//! seals a key check value (SHA-256 over a domain prefix and the data key; never the key)
+//! under the key's HSM root key, with AAD over environment, country, version, region,
+//! encrypted key, CMK ARN and access key id (`versions.aws_check_iv`, `versions.aws_check`),
+//! and marks the sealed IAM secret as "has a key check", so that a check deleted from the
+//! state is noticed too. Every later KMS decrypt must match it: a state whose KMS fields
+//! were changed (another encrypted key, CMK, region or access key id), or whose check was
+//! removed or altered, makes the version unavailable with the code `aws_key_mismatch`
+//! (audited and logged like a revocation). Versions registered before key checks existed
+//! (no check and no mark) keep working unbound.
+
+mod check;
+mod revalidate;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use self::check::{Binding, CHECKED_MARK};
+use super::{KeyId, Keyring, Material, DATA_KEY_LEN};
+use crate::clock::rfc3339;
+use crate::error::{Error, Result};
+use crate::hsm::HsmError;
+use crate::kms::{AwsKeyRef, KmsError};
+use crate::store::StoredAws;
+
+pub(super) use self::check::mark_checked;
+
+/// The code of a version whose data key or KMS parameters are not those it was registered
+/// with.
+pub const MISMATCH_CODE: &str = "aws_key_mismatch";
+
+/// `from + d`, never overflowing: a duration too large for the clock (the config bounds
+/// them) waits 30 days instead of panicking.
+pub(super) fn later(from: Instant, d: Duration) -> Instant {
+    from.checked_add(d)
+        .or_else(|| from.checked_add(crate::config::MAX_DURATION))
+        .unwrap_or(from)
+}
+
+/// A KMS refusal or a key check failure: what health and the version's error say.
+struct Refusal {
+    code: &'static str,
+    why: String,
+}
+
+/// Revalidation state of one aws version.
+pub(super) struct Check {
+    /// Daemon clock (unix seconds) of the last successful Decrypt.
+    last_success: Option<i64>,
+    /// Consecutive transient failures, and the last one's message.
+    failures: u32,
+    transient: Option<String>,
+    /// Set while KMS refuses the key or the key fails its check: which, and why.
+    rejected: Option<Refusal>,
+    /// Set while the version is unavailable because its last success is too old.
+    stale: bool,
+    due: Instant,
+}
+
+#[derive(Default)]
+pub(super) struct Checks {
+    map: BTreeMap<(KeyId, u32), Check>,
+    /// Each version's key check, read and opened once per run (the KMS fields in memory
+    /// are those loaded at start).
+    bindings: BTreeMap<(KeyId, u32), Arc<Binding>>,
+    /// The interval of the last pass (for versions registered between passes).
+    interval: Option<Duration>,
+}
+
+/// Timing of revalidation, from `[aws]` in the config.
+#[derive(Debug, Clone, Copy)]
+pub struct RevalidateSettings {
+    pub interval: Duration,
+    pub max_stale: Duration,
+}
+
+/// What health shows about aws versions.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AwsHealth {
+    /// "ok", "degraded" (a check failed) or "none" (no aws versions).
+    pub status: &'static str,
+    pub versions: usize,
+    pub problems: Vec<AwsProblem>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AwsProblem {
+    pub key: String,
+    pub version: u32,
+    /// "revoked" (KMS refuses: not served), "mismatch" (the data key or the stored KMS
+    /// fields are not those registered: not served), "unreachable" (KMS cannot be reached;
+    /// the cached key still serves) or "stale" (no successful check within aws.max_stale, or
+    /// none since the daemon started: not served).
+    pub state: &'static str,
+    /// The refusal's code (`aws_key_disabled`, `aws_key_mismatch`, ...), `kms_unavailable`
+    /// or `aws_key_stale`.
+    pub code: &'static str,
+    pub error: String,
+    /// RFC 3339; null when no check has succeeded since the daemon started.
+    pub last_success: Option<String>,
+    pub failures: u32,
+}
+
+/// Why an aws version is not served between start and its first KMS check.
+const AWAITING_FIRST_CHECK: &str = "waiting for the first KMS check since start";
+
+/// One aws version read from state: its IAM secret opened by the HSM. The data key comes
+/// later, from KMS.
+pub(super) fn load_version(
+    id: &KeyId,
+    version: u32,
+    problem: &Option<String>,
+    stored: StoredAws,
+    opened: Option<std::result::Result<Zeroizing<Vec<u8>>, HsmError>>,
+) -> Result<(Material, Option<Arc<AwsKeyRef>>)> {
+    let secret = match (problem, opened) {
+        (Some(p), _) => return Ok((Material::Unavailable(p.clone()), None)),
+        (None, Some(Ok(bytes))) => match String::from_utf8(bytes.to_vec()) {
+            // The mark says a key check must exist; revalidation reads it again from the
+            // seal, so here it is only taken off.
+            Ok(s) => match s.strip_prefix(CHECKED_MARK) {
+                Some(rest) => {
+                    let mut secret = Zeroizing::new(String::with_capacity(rest.len()));
+                    secret.push_str(rest);
+                    drop(Zeroizing::new(s));
+                    secret
+                }
+                None => Zeroizing::new(s),
+            },
+            Err(e) => {
+                // The bytes are the secret: zeroize them, say nothing about them.
+                drop(Zeroizing::new(e.into_bytes()));
+                let msg = format!("integrity check failed for {id} version {version}: sealed IAM secret is not text");
+                tracing::error!(env = %id.env, country = %id.country, version, "{msg}");
+                return Ok((Material::Unavailable(msg), None));
+            }
+        },
+        (None, Some(Err(HsmError::Integrity))) => {
+            let msg = format!("integrity check failed for {id} version {version}");
+            tracing::error!(env = %id.env, country = %id.country, version, "{msg}: the sealed IAM secret was altered or moved");
+            return Ok((Material::Unavailable(msg), None));
+        }
+        (None, Some(Err(e))) => return Err(e.into()),
+        (None, None) => return Ok((Material::Unavailable("not unwrapped".into()), None)),
+    };
+    let aws = AwsKeyRef {
+        region: stored.region,
+        encrypted_key: stored.encrypted_key,
+        cmk_arn: stored.cmk_arn,
+        access_key_id: stored.access_key_id,
+        secret_access_key: secret,
+    };
+    Ok((
+        Material::Unavailable(AWAITING_FIRST_CHECK.into()),
+        Some(Arc::new(aws)),
+    ))
+}
+
+impl Keyring {
+    /// KMS Decrypt of a version being registered; refusals become errors naming the cause.
+    pub(super) async fn decrypt_for_registration(
+        &self,
+        id: &KeyId,
+        aws: &AwsKeyRef,
+    ) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>> {
+        let plaintext = self.kms.decrypt(aws).await.map_err(|e| match e {
+            KmsError::Rejected { cause, .. } => Error::bad_input(
+                cause.code(),
+                format!(
+                    "{id}: KMS in {} refused to decrypt the encrypted key with CMK {}: {e}; nothing was stored",
+                    aws.region, aws.cmk_arn
+                ),
+            ),
+            KmsError::Transient(msg) => Error::unavailable(
+                "kms_unavailable",
+                format!(
+                    "{id}: cannot reach KMS in {}: {msg}; nothing was stored, retry later",
+                    aws.region
+                ),
+            ),
+        })?;
+        let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
+        if plaintext.len() != DATA_KEY_LEN {
+            return Err(Error::bad_input(
+                "aws_key_length",
+                format!(
+                    "{id}: KMS decrypted the encrypted key to {} bytes; a data key must be exactly {DATA_KEY_LEN} bytes (AES-256, e.g. GenerateDataKey with KeySpec AES_256); nothing was stored",
+                    plaintext.len()
+                ),
+            ));
+        }
+        key.copy_from_slice(&plaintext);
+        Ok(key)
+    }
+
+    fn checks(&self) -> std::sync::MutexGuard<'_, Checks> {
+        // Plain bookkeeping: a panic elsewhere cannot leave it inconsistent.
+        self.aws_checks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A version just registered: KMS decrypted it now.
+    pub(super) fn record_registration(&self, id: &KeyId, version: u32, now: i64) {
+        let mut checks = self.checks();
+        let interval = checks.interval.unwrap_or(Duration::from_secs(15 * 60));
+        checks.map.insert(
+            (id.clone(), version),
+            Check {
+                last_success: Some(now),
+                failures: 0,
+                transient: None,
+                rejected: None,
+                stale: false,
+                due: later(Instant::now(), interval),
+            },
+        );
+    }
+
+    /// Revalidation state for health.
+    pub fn aws_health(&self) -> AwsHealth {
+        let snap = self.snapshot();
+        let versions = snap
+            .keys
+            .values()
+            .flat_map(|k| k.versions.iter())
+            .filter(|v| v.aws.is_some())
+            .count();
+        let checks = self.checks();
+        let mut problems = Vec::new();
+        for ((id, n), c) in checks.map.iter() {
+            let (state, code, error) = if let Some(r) = &c.rejected {
+                let state = if r.code == MISMATCH_CODE {
+                    "mismatch"
+                } else {
+                    "revoked"
+                };
+                (state, r.code, r.why.clone())
+            } else if c.stale {
+                (
+                    "stale",
+                    "aws_key_stale",
+                    c.transient.clone().unwrap_or_default(),
+                )
+            } else if let Some(e) = &c.transient {
+                ("unreachable", "kms_unavailable", e.clone())
+            } else {
+                continue;
+            };
+            problems.push(AwsProblem {
+                key: id.to_string(),
+                version: *n,
+                state,
+                code,
+                error,
+                last_success: c.last_success.map(rfc3339),
+                failures: c.failures,
+            });
+        }
+        AwsHealth {
+            status: if versions == 0 {
+                "none"
+            } else if problems.is_empty() {
+                "ok"
+            } else {
+                "degraded"
+            },
+            versions,
+            problems,
+        }
+    }
+}

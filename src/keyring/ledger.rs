@@ -1,0 +1,408 @@
+//! The durable count of encryptions per version (`EncryptionLedger`), against AES-GCM's bound.
+//!
+//! AES-GCM with random 96-bit IVs is safe for 2^32 encryptions under one key, so the daemon
+//! counts every record it encrypts under a version (encrypt and rewrap) in the state and
+//! refuses encryption under a version past [`ENCRYPTION_LIMIT`] (2^31). Counts are reserved
+//! in blocks before use: the state holds at least as many as were made (a crash leaves it
+//! ahead by at most one block per version, never behind), and a clean stop writes the exact
+//! counts.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use super::KeyId;
+use crate::error::Result;
+use crate::store::Store;
+
+/// Most records encrypted under one version: half the 2^32 random-IV bound of AES-GCM.
+pub const ENCRYPTION_LIMIT: u64 = 1 << 31;
+/// Encryptions reserved in the state at a time, per version.
+pub const RESERVE_BLOCK: u64 = 1 << 16;
+/// While the state cannot be written, encryption goes on counted in memory for at most this
+/// many blocks past the last reservation; then it waits for the state (503).
+const UNPERSISTED_BLOCKS: u64 = 16;
+
+/// Where encryption counts are kept (the state; a fake in tests).
+pub trait EncryptionStore: Send + Sync + 'static {
+    /// The stored count of a version.
+    fn stored(&self, id: &KeyId, version: u32) -> Result<u64>;
+    /// Raises the stored count to at least `at_least`.
+    fn reserve(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()>;
+    /// Stores exact counts.
+    fn store_exact(&self, counts: &[(KeyId, u32, u64)]) -> Result<()>;
+}
+
+impl EncryptionStore for Store {
+    fn stored(&self, id: &KeyId, version: u32) -> Result<u64> {
+        self.encryptions(id, version)
+    }
+    fn reserve(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()> {
+        self.reserve_encryptions(id, version, at_least)
+    }
+    fn store_exact(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
+        self.set_encryptions(counts)
+    }
+}
+
+/// One version's encryptions: `used` made or granted so far (over the version's life),
+/// `durable` what the state holds (`None` until read this run).
+#[derive(Default)]
+struct Entry {
+    used: u64,
+    durable: Option<u64>,
+}
+
+/// Encryptions per version, counted durably against [`ENCRYPTION_LIMIT`].
+pub struct EncryptionLedger {
+    limit: u64,
+    block: u64,
+    map: Mutex<HashMap<(KeyId, u32), Entry>>,
+    /// One state write at a time (reservations and the final flush).
+    writing: tokio::sync::Mutex<()>,
+    /// Whether the last reservation failed (logged once per run of failures).
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl Default for EncryptionLedger {
+    fn default() -> Self {
+        EncryptionLedger::with_limits(ENCRYPTION_LIMIT, RESERVE_BLOCK)
+    }
+}
+
+impl EncryptionLedger {
+    pub fn with_limits(limit: u64, block: u64) -> EncryptionLedger {
+        EncryptionLedger {
+            limit,
+            block: block.max(1),
+            map: Mutex::new(HashMap::new()),
+            writing: tokio::sync::Mutex::new(()),
+            failing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The most encryptions one version may make.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(KeyId, u32), Entry>> {
+        // Plain numbers: a panic elsewhere cannot leave them inconsistent.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Grants up to `n` encryptions under a version from what is already reserved; `None`
+    /// when the state must be read or written first.
+    fn take_reserved(&self, key: &(KeyId, u32), n: u64) -> Option<u64> {
+        let mut map = self.entries();
+        let e = map.get_mut(key)?;
+        let durable = e.durable?;
+        let grant = n.min(self.limit.saturating_sub(e.used));
+        if e.used + grant <= durable {
+            e.used += grant;
+            Some(grant)
+        } else {
+            None
+        }
+    }
+
+    /// Takes up to `n` encryptions under a version, and returns how many were granted:
+    /// fewer than `n` (0) only at the limit. Reserves a block in the state first when the
+    /// last one is used up. `Err` when the state cannot be read, or has not taken a
+    /// reservation for too long.
+    pub async fn reserve(
+        &self,
+        store: Arc<dyn EncryptionStore>,
+        id: &KeyId,
+        version: u32,
+        n: u64,
+    ) -> Result<u64> {
+        if n == 0 {
+            return Ok(0);
+        }
+        let key = (id.clone(), version);
+        if let Some(grant) = self.take_reserved(&key, n) {
+            return Ok(grant);
+        }
+        let _writing = self.writing.lock().await;
+        if let Some(grant) = self.take_reserved(&key, n) {
+            return Ok(grant);
+        }
+        let known = self.entries().get(&key).and_then(|e| e.durable);
+        if known.is_none() {
+            let (s, k) = (store.clone(), key.clone());
+            let stored = blocking(move || s.stored(&k.0, k.1)).await?;
+            let mut map = self.entries();
+            let e = map.entry(key.clone()).or_default();
+            e.used = e.used.max(stored);
+            e.durable = Some(stored);
+        }
+        let (grant, target, durable) = {
+            let mut map = self.entries();
+            let e = map.entry(key.clone()).or_default();
+            let durable = e.durable.unwrap_or(e.used);
+            let grant = n.min(self.limit.saturating_sub(e.used));
+            if e.used + grant <= durable {
+                e.used += grant;
+                return Ok(grant);
+            }
+            (
+                grant,
+                (e.used + grant + self.block).min(self.limit),
+                durable,
+            )
+        };
+        let (s, k) = (store.clone(), key.clone());
+        let written = blocking(move || s.reserve(&k.0, k.1, target)).await;
+        let mut map = self.entries();
+        let e = map.entry(key).or_default();
+        match written {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("encryption counts are stored again");
+                }
+                e.durable = Some(target.max(durable));
+                e.used += grant;
+                Ok(grant)
+            }
+            // The state does not take writes: go on counting in memory for a while (a crash
+            // now under-counts by at most that much), so records keep being served.
+            Err(err) if e.used + grant <= durable + UNPERSISTED_BLOCKS * self.block => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(env = %id.env, country = %id.country, version, error = %err,
+                        "cannot store the encryption count; counting in memory until the state takes writes");
+                }
+                e.used += grant;
+                Ok(grant)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Gives back encryptions granted by `reserve` but not made.
+    pub fn release(&self, id: &KeyId, version: u32, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(e) = self.entries().get_mut(&(id.clone(), version)) {
+            e.used = e.used.saturating_sub(n);
+        }
+    }
+
+    /// Encryptions made under a version as far as this run knows (`None`: none this run).
+    pub fn used(&self, id: &KeyId, version: u32) -> Option<u64> {
+        self.entries()
+            .get(&(id.clone(), version))
+            .filter(|e| e.durable.is_some())
+            .map(|e| e.used)
+    }
+
+    /// Writes the exact counts of every version used this run (at a clean stop), giving
+    /// back reserved blocks not used.
+    pub async fn flush(&self, store: Arc<dyn EncryptionStore>) -> Result<()> {
+        let _writing = self.writing.lock().await;
+        let counts: Vec<(KeyId, u32, u64)> = self
+            .entries()
+            .iter()
+            .filter(|(_, e)| e.durable.is_some_and(|d| d != e.used))
+            .map(|((id, v), e)| (id.clone(), *v, e.used))
+            .collect();
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let exact = counts.clone();
+        blocking(move || store.store_exact(&exact)).await?;
+        let mut map = self.entries();
+        for (id, v, n) in counts {
+            if let Some(e) = map.get_mut(&(id, v)) {
+                e.durable = Some(n);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a state operation off the runtime (SQLite fsyncs).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| crate::error::Error::internal(format!("state writer: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    /// A state in memory whose writes can be made to fail.
+    #[derive(Default)]
+    struct FakeStore {
+        counts: Mutex<HashMap<(KeyId, u32), u64>>,
+        writes: AtomicU64,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl FakeStore {
+        fn get(&self, id: &KeyId, v: u32) -> u64 {
+            *self
+                .counts
+                .lock()
+                .unwrap()
+                .get(&(id.clone(), v))
+                .unwrap_or(&0)
+        }
+        fn write(&self) -> Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(crate::error::Error::unavailable(
+                    "state_unavailable",
+                    "disk full",
+                ));
+            }
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl EncryptionStore for FakeStore {
+        fn stored(&self, id: &KeyId, v: u32) -> Result<u64> {
+            Ok(self.get(id, v))
+        }
+        fn reserve(&self, id: &KeyId, v: u32, at_least: u64) -> Result<()> {
+            self.write()?;
+            let mut c = self.counts.lock().unwrap();
+            let n = c.entry((id.clone(), v)).or_default();
+            *n = (*n).max(at_least);
+            Ok(())
+        }
+        fn store_exact(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
+            self.write()?;
+            let mut c = self.counts.lock().unwrap();
+            for (id, v, n) in counts {
+                c.insert((id.clone(), *v), *n);
+            }
+            Ok(())
+        }
+    }
+
+    fn id() -> KeyId {
+        KeyId::parse("p", "DE").unwrap()
+    }
+
+    #[tokio::test]
+    async fn reserves_blocks_ahead_and_refuses_past_the_limit() {
+        let store = Arc::new(FakeStore::default());
+        let ledger = EncryptionLedger::with_limits(10, 4);
+        let s: Arc<dyn EncryptionStore> = store.clone();
+        let id = id();
+        // First use: a block is reserved in the state before any encryption.
+        assert_eq!(ledger.reserve(s.clone(), &id, 1, 3).await.unwrap(), 3);
+        assert_eq!(store.get(&id, 1), 7);
+        assert_eq!(store.writes.load(Ordering::SeqCst), 1);
+        // Within the block: no write.
+        assert_eq!(ledger.reserve(s.clone(), &id, 1, 3).await.unwrap(), 3);
+        assert_eq!(store.writes.load(Ordering::SeqCst), 1);
+        // Past it: the next block, capped at the limit.
+        assert_eq!(ledger.reserve(s.clone(), &id, 1, 3).await.unwrap(), 3);
+        assert_eq!(store.get(&id, 1), 10);
+        // The limit: what is left, then nothing.
+        assert_eq!(ledger.reserve(s.clone(), &id, 1, 3).await.unwrap(), 1);
+        assert_eq!(ledger.reserve(s.clone(), &id, 1, 1).await.unwrap(), 0);
+        assert_eq!(ledger.used(&id, 1), Some(10));
+        // Another version counts on its own.
+        assert_eq!(ledger.reserve(s.clone(), &id, 2, 2).await.unwrap(), 2);
+        assert_eq!(ledger.used(&id, 2), Some(2));
+        assert_eq!(ledger.reserve(s.clone(), &id, 2, 0).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn stored_count_never_falls_behind_and_a_clean_stop_stores_it_exactly() {
+        let store = Arc::new(FakeStore::default());
+        let s: Arc<dyn EncryptionStore> = store.clone();
+        let id = id();
+        let ledger = EncryptionLedger::with_limits(1000, 16);
+        let mut made = 0;
+        for n in [1, 5, 16, 3, 40, 7] {
+            made += ledger.reserve(s.clone(), &id, 1, n).await.unwrap();
+            // A crash now finds at least what was made, at most a block (+ the request) more.
+            assert!(store.get(&id, 1) >= made, "{} < {made}", store.get(&id, 1));
+            assert!(store.get(&id, 1) <= made + 16 + n);
+        }
+        // Granted but not made (items that failed) are given back.
+        ledger.release(&id, 1, 2);
+        made -= 2;
+        ledger.flush(s.clone()).await.unwrap();
+        assert_eq!(store.get(&id, 1), made);
+        // A restart goes on from the stored count.
+        let again = EncryptionLedger::with_limits(made + 3, 16);
+        assert_eq!(again.reserve(s.clone(), &id, 1, 10).await.unwrap(), 3);
+        assert_eq!(again.reserve(s.clone(), &id, 1, 1).await.unwrap(), 0);
+        // A crash after reservations (no flush): the stored count is ahead, never behind.
+        let crashed = EncryptionLedger::with_limits(1 << 20, 16);
+        let other = KeyId::parse("p", "FR").unwrap();
+        crashed.reserve(s.clone(), &other, 1, 5).await.unwrap();
+        drop(crashed);
+        let after = EncryptionLedger::with_limits(1 << 20, 16);
+        after.reserve(s.clone(), &other, 1, 1).await.unwrap();
+        assert_eq!(after.used(&other, 1), Some(5 + 16 + 1));
+    }
+
+    #[tokio::test]
+    async fn a_state_that_takes_no_writes_is_bridged_for_a_while_only() {
+        let store = Arc::new(FakeStore::default());
+        let s: Arc<dyn EncryptionStore> = store.clone();
+        let id = id();
+        let ledger = EncryptionLedger::with_limits(1 << 20, 4);
+        assert_eq!(ledger.reserve(s.clone(), &id, 1, 1).await.unwrap(), 1);
+        store.fail.store(true, Ordering::SeqCst);
+        // What was reserved (1 + a block of 4), then UNPERSISTED_BLOCKS blocks counted in
+        // memory only; then refused until the state takes writes.
+        let bridged = 5 + UNPERSISTED_BLOCKS * 4;
+        let mut granted = 1;
+        let e = loop {
+            match ledger.reserve(s.clone(), &id, 1, 1).await {
+                Ok(n) => granted += n,
+                Err(e) => break e,
+            }
+            assert!(granted <= bridged);
+        };
+        assert_eq!(granted, bridged);
+        assert_eq!(e.code(), "state_unavailable");
+        assert_eq!(store.get(&id, 1), 5);
+        // The state takes writes again: the count catches up.
+        store.fail.store(false, Ordering::SeqCst);
+        assert_eq!(ledger.reserve(s.clone(), &id, 1, 1).await.unwrap(), 1);
+        assert!(store.get(&id, 1) > bridged);
+    }
+
+    #[tokio::test]
+    async fn counts_in_the_real_state() {
+        use crate::audit::{Actor, AuditEntry};
+        use crate::store::{Origin, StoredVersion, VersionType};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let id = id();
+        let v = StoredVersion {
+            version: 1,
+            kind: VersionType::Managed,
+            created: 0,
+            origin: Origin::Admin,
+            iv: [0; 12],
+            wrapped: vec![1; 48],
+            aws: None,
+        };
+        let audit = AuditEntry::new(0, &Actor::Timer, "create", Some(&id));
+        store.add_version(&id, Some(30), &v, &audit).unwrap();
+        let s: Arc<dyn EncryptionStore> = store.clone();
+        let ledger = EncryptionLedger::with_limits(100, 8);
+        assert_eq!(ledger.reserve(s.clone(), &id, 1, 3).await.unwrap(), 3);
+        assert_eq!(store.encryptions(&id, 1).unwrap(), 11);
+        ledger.flush(s.clone()).await.unwrap();
+        assert_eq!(store.encryptions(&id, 1).unwrap(), 3);
+        // Reservations only raise the stored count.
+        store.reserve_encryptions(&id, 1, 2).unwrap();
+        assert_eq!(store.encryptions(&id, 1).unwrap(), 3);
+        // A version the state does not have is an error, not a silent zero.
+        assert!(store.reserve_encryptions(&id, 2, 5).is_err());
+    }
+}
