@@ -5,6 +5,10 @@
 //!
 //! Every way a record can fail to decrypt (bad base64, too short, altered, another key) gives
 //! the same error: nothing in it tells an attacker where or why.
+//!
+//! The cipher's key schedule (which begins with the raw key) is wiped when it is dropped
+//! (`aes`'s `zeroize` feature); the copies its moves leave in finished stack frames are
+//! overwritten by the caller once its records are done (`keyring::clear_stack`).
 
 use aes_gcm::aead::rand_core::RngCore;
 use aes_gcm::aead::{AeadInPlace, KeyInit, OsRng};

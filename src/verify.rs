@@ -275,7 +275,10 @@ impl TotpVerifier {
         // From here on the attempt counts as a failure until it is settled.
         let checked = async {
             let secret = self.unseal(uid, &stored).await?;
-            Ok::<_, Error>(totp(&secret, uid)?.check(code, now.max(0) as u64))
+            let step = totp(&secret, uid)?.check(code, now.max(0) as u64);
+            // The HMAC's frames held the secret (XORed with its pads).
+            crate::keyring::clear_stack();
+            Ok::<_, Error>(step)
         }
         .await;
         let step = match checked {
@@ -311,7 +314,11 @@ impl TotpVerifier {
     async fn unseal(&self, uid: u32, stored: &StoredTotp) -> Result<Zeroizing<Vec<u8>>> {
         let (iv, sealed) = (stored.iv, stored.sealed.clone());
         self.hsm
-            .call(move |h| h.open(SYSTEM_ROOT, &iv, &aad(uid), &sealed))
+            .call(move |h| {
+                let opened = h.open(SYSTEM_ROOT, &iv, &aad(uid), &sealed);
+                crate::keyring::clear_stack();
+                opened
+            })
             .await
             .map_err(|e| {
                 tracing::error!(uid, error = %e, "cannot unseal TOTP secret");

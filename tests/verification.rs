@@ -329,10 +329,15 @@ fn reenrollment_needs_code_and_reset_needs_stopped_daemon() {
     }
 
     // Offline reset refuses while the daemon holds the state lock.
+    let (config, token_conf) = (d.config.clone(), d.token.conf());
     let reset = || {
+        // The reset's audit entry is MACed in the HSM: the config names it.
         Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
             .args(["admin", "totp-reset", "--uid", "0", "--state-dir"])
             .arg(&state)
+            .env("SOFTHSM2_CONF", &token_conf)
             .output()
             .unwrap()
     };

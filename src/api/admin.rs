@@ -19,7 +19,8 @@ use crate::kms::AwsKeyRef;
 use crate::store::Origin;
 use zeroize::Zeroizing;
 
-/// No Debug: it may hold an IAM secret key.
+/// No Debug: it may hold an IAM secret key, which is zeroized wherever the body is dropped
+/// (every early return too).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
@@ -31,7 +32,7 @@ struct CreateBody {
     encrypted_key: Option<String>,
     cmk_arn: Option<String>,
     access_key_id: Option<String>,
-    secret_access_key: Option<String>,
+    secret_access_key: Option<Zeroizing<String>>,
 }
 
 impl CreateBody {
@@ -56,8 +57,7 @@ fn required(field: Option<String>, name: &str) -> Result<String> {
 /// Checks the fields of an aws registration (shape only; KMS decides the rest).
 fn aws_source(body: CreateBody) -> Result<AwsKeyRef> {
     use base64::Engine;
-    // Taken first, so the secret is zeroized on every return path.
-    let secret = body.secret_access_key.map(Zeroizing::new);
+    let secret = body.secret_access_key;
     if body.rotation_period_days.is_some() {
         return Err(Error::bad_input(
             "invalid_rotation_period",
@@ -371,7 +371,7 @@ pub async fn enroll(
                 .and_then(|v| v.to_str().ok());
             let voucher = voucher(app, &req).await?;
             let enrollment = app.verifier.enroll_begin(peer, code, voucher).await?;
-            Ok(response::json(StatusCode::OK, &enrollment))
+            Ok(response::secret_json(StatusCode::OK, &enrollment))
         }
     }
     .await;

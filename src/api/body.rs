@@ -39,23 +39,25 @@ pub(super) async fn read_json<T: DeserializeOwned>(
             })?,
         None => collect.await,
     };
-    let body = collected
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                Error::bad_input("bad_body", "cannot read the request body")
-            }
-        })?
-        .to_bytes();
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+    let body = Wipe(
+        collected
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    too_large()
+                } else {
+                    Error::bad_input("bad_body", "cannot read the request body")
+                }
+            })?
+            .to_bytes(),
+    );
+    match body.0.iter().find(|b| !b.is_ascii_whitespace()) {
         None => return Ok(None),
         // serde's derived structs also read a positional array of their fields: the
         // contract's bodies are objects, named field by field.
         Some(b'{') => {}
         Some(_)
-            if std::str::from_utf8(&body).is_err()
-                || serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() =>
+            if std::str::from_utf8(&body.0).is_err()
+                || serde_json::from_slice::<serde::de::IgnoredAny>(&body.0).is_err() =>
         {
             return Err(Error::bad_input(
                 "malformed_json",
@@ -69,7 +71,22 @@ pub(super) async fn read_json<T: DeserializeOwned>(
             ))
         }
     }
-    serde_json::from_slice(&body).map(Some).map_err(json_error)
+    serde_json::from_slice(&body.0)
+        .map(Some)
+        .map_err(json_error)
+}
+
+/// A request body, zeroized once parsed (or refused) when this reader owns it alone: a body
+/// of several frames was gathered into a buffer of its own. A body that came in one read is
+/// a view of hyper's connection buffer, which is shared and cannot be written here.
+struct Wipe(bytes::Bytes);
+
+impl Drop for Wipe {
+    fn drop(&mut self) {
+        if let Ok(mut owned) = std::mem::take(&mut self.0).try_into_mut() {
+            zeroize::Zeroize::zeroize(&mut owned[..]);
+        }
+    }
 }
 
 fn json_error(e: serde_json::Error) -> Error {

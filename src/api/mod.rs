@@ -90,8 +90,12 @@ pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl std::fu
                 });
                 // hyper's own header timer is off: `TimedIo` does its job without closing
                 // on requests that arrived while the daemon could not run.
+                // Bodies are written vectored, straight from their buffers: hyper copies
+                // none into its own write buffer (one that holds keys would outlive the
+                // response unzeroized).
                 let conn = http1::Builder::new()
                     .header_read_timeout(None)
+                    .writev(true)
                     .serve_connection(io, service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

@@ -230,6 +230,8 @@ pub async fn handle(
         let worker_key = key.clone();
         let (results, tally, budget) = tokio::task::spawn_blocking(move || {
             let (results, tally) = run_batch(&worker_key, op, items, limit, &mut budget);
+            // AES key expansion and the cipher's moves left key bytes in finished frames.
+            crate::keyring::clear_stack();
             (results, tally, budget)
         })
         .await
@@ -256,6 +258,7 @@ pub async fn handle(
             &mut tally,
             &mut budget,
         );
+        crate::keyring::clear_stack();
         release(app, &key.id, version, budget);
         count(app, &key.id, tally);
         Ok(response::json(StatusCode::OK, &result?))

@@ -5,6 +5,7 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::error::Error;
 
@@ -56,6 +57,41 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(body) => bytes(status, Bytes::from(body)),
         Err(e) => error(&Error::internal(format!("cannot encode response: {e}"))),
+    }
+}
+
+/// A JSON body that carries a secret (an enrollment's TOTP secret): encoded into one buffer
+/// of exactly its size (measured by a first pass, so it is never reallocated and no partial
+/// copy is left behind), which the body owns and zeroizes when hyper has sent it.
+pub fn secret_json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let mut counter = Counter(0);
+    if let Err(e) = serde_json::to_writer(&mut counter, value) {
+        return error(&Error::internal(format!("cannot encode response: {e}")));
+    }
+    let mut body = Zeroizing::new(Vec::with_capacity(counter.0));
+    match serde_json::to_writer(&mut *body, value) {
+        Ok(()) => secret_bytes(status, body),
+        Err(e) => error(&Error::internal(format!("cannot encode response: {e}"))),
+    }
+}
+
+/// A JSON body that carries key material: it owns the buffer and zeroizes it once the last
+/// reference (hyper's, while it writes) is dropped. The connection writes it out vectored
+/// (`http1::Builder::writev`), so hyper does not copy it into a buffer of its own.
+pub fn secret_bytes(status: StatusCode, body: Zeroizing<Vec<u8>>) -> Response<Body> {
+    bytes(status, Bytes::from_owner(body))
+}
+
+/// Counts what a serializer writes.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -369,7 +369,7 @@ async fn secrets(
         }
     }
     let doc = key.secrets_document()?;
-    let mut resp = response::bytes(StatusCode::OK, Bytes::copy_from_slice(doc.as_bytes()));
+    let mut resp = response::secret_bytes(StatusCode::OK, doc);
     if let Ok(v) = HeaderValue::from_str(&etag) {
         resp.headers_mut().insert(ETAG, v);
     }

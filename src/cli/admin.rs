@@ -134,6 +134,9 @@ pub(super) fn totp_bootstrap(
         );
     }
     let (hsm, hsm_thread) = crate::daemon::open_hsm(&config)?;
+    // Its audit entry is MACed and anchored, as the daemon's are; a state behind the
+    // anchor is refused here too.
+    crate::keyring::anchor::open(&store, &hsm)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -185,12 +188,26 @@ pub(super) fn totp_reset(
     if !nix::unistd::geteuid().is_root() {
         bail!("totp-reset must run as root");
     }
-    let dir = match state_dir {
-        Some(d) => d,
-        None => Config::load(config_path)?.state.dir,
-    };
+    let config = Config::load(config_path)?;
+    let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
     // Takes the state lock: refuses while the daemon runs.
     let store = crate::store::Store::open(&dir)?;
+    // The reset's audit entry is MACed and anchored, as the daemon's are (a state behind
+    // the HSM anchor is refused here too).
+    let (hsm, hsm_thread) = crate::daemon::open_hsm(&config)?;
+    let result = totp_delete(&store, &hsm, uid);
+    drop(store);
+    drop(hsm);
+    hsm_thread.wait(std::time::Duration::from_secs(10));
+    result
+}
+
+fn totp_delete(
+    store: &crate::store::Store,
+    hsm: &crate::hsm::HsmWorker,
+    uid: u32,
+) -> anyhow::Result<ExitCode> {
+    crate::keyring::anchor::open(store, hsm)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let actor = crate::audit::Actor::Peer {
         uid: nix::unistd::getuid().as_raw(),

@@ -1,7 +1,7 @@
 //! Command line: `serve` runs the daemon; every other command is a client of its socket
-//! (or, for `check-config`, a look at files only).
+//! (or, for `check-config`, a look at files only; for `audit verify` and the offline admin
+//! tools, the state and the HSM opened directly).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,9 +12,12 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 mod admin;
+mod audit;
+mod data;
 mod table;
 
 use admin::{admin, totp_bootstrap, totp_enroll, totp_reset};
+use data::{decrypt, encrypt, secrets};
 use table::{print_key, print_key_list, text};
 
 use crate::client::{Client, Reply};
@@ -118,7 +121,8 @@ enum AdminCmd {
         #[arg(long, requires = "uid")]
         state_dir: Option<PathBuf>,
     },
-    /// Offline, as root, with the daemon stopped: remove a uid's TOTP secret (audited).
+    /// Offline, as root, with the daemon stopped: remove a uid's TOTP secret (audited;
+    /// opens the HSM from the config, which MACs the entry).
     TotpReset {
         #[arg(long)]
         uid: u32,
@@ -130,7 +134,9 @@ enum AdminCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Check the hash chain, reading the state database directly (read-only).
+    /// Check the audit log, reading the state database directly (read-only): the hash
+    /// chain, each entry's MAC and the state against the HSM anchor (opens the HSM as the
+    /// daemon does, from the config). With --state-dir and no --config: the chain only.
     Verify {
         /// State directory (default: state.dir from the config).
         #[arg(long)]
@@ -267,7 +273,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::CheckConfig => check_config(&config_path),
         Cmd::Audit {
             cmd: AuditCmd::Verify { state_dir },
-        } => audit_verify(state_dir, &config_path),
+        } => audit::verify(state_dir, &config_path, cli.config.is_some()),
         Cmd::Admin {
             cmd: AdminCmd::TotpReset { uid, state_dir },
         } => totp_reset(uid, state_dir, &config_path),
@@ -317,25 +323,7 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit_verify(state_dir: Option<PathBuf>, config_path: &Path) -> anyhow::Result<ExitCode> {
-    let dir = match state_dir {
-        Some(d) => d,
-        None => Config::load(config_path)?.state.dir,
-    };
-    let conn = crate::store::open_read_only(&dir)?;
-    match crate::audit::verify(&conn)? {
-        Ok(count) => {
-            println!("OK: {count} audit entries, chain intact");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err((seq, why)) => {
-            println!("BROKEN at sequence {seq}: {why}");
-            Ok(ExitCode::FAILURE)
-        }
-    }
-}
-
-fn key_path(env: &str, country: &str) -> String {
+pub(super) fn key_path(env: &str, country: &str) -> String {
     format!("/v1/keys/{env}/{country}")
 }
 
@@ -391,50 +379,6 @@ async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Resu
             unreachable!("handled before connecting")
         }
     }
-}
-
-async fn encrypt(
-    client: &Client,
-    env: &str,
-    country: &str,
-    as_json: bool,
-) -> anyhow::Result<ExitCode> {
-    let mut plaintext = String::new();
-    std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut plaintext)
-        .map_err(|_| anyhow::anyhow!("cannot read stdin as UTF-8 text (SDK records hold text)"))?;
-    let body = json!({ "plaintext": plaintext }).to_string().into_bytes();
-    drop(plaintext);
-    let path = format!("{}/encrypt", key_path(env, country));
-    let doc = ok(client.request(Method::POST, &path, &[], Some(body)).await?)?.json()?;
-    if as_json {
-        println!("{doc}");
-    } else {
-        println!("{}", text(&doc["ciphertext"]));
-        eprintln!(
-            "incountry-keyd: encrypted with {env}/{country} version {}",
-            text(&doc["version"])
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn decrypt(
-    client: &Client,
-    env: &str,
-    country: &str,
-    version: Option<u32>,
-) -> anyhow::Result<ExitCode> {
-    let mut record = String::new();
-    std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut record)?;
-    let body = json!({ "ciphertext": record.trim(), "version": version })
-        .to_string()
-        .into_bytes();
-    let path = format!("{}/decrypt", key_path(env, country));
-    let doc = ok(client.request(Method::POST, &path, &[], Some(body)).await?)?.json()?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(doc["plaintext"].as_str().unwrap_or("").as_bytes())?;
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn keys(client: &Client, cmd: KeysCmd, as_json: bool) -> anyhow::Result<ExitCode> {
@@ -531,42 +475,5 @@ pub(super) fn ok(reply: Reply) -> anyhow::Result<Reply> {
         Ok(reply)
     } else {
         bail!("{}", reply.error_line())
-    }
-}
-
-async fn secrets(
-    client: &Client,
-    env: &str,
-    country: &str,
-    watch: bool,
-) -> anyhow::Result<ExitCode> {
-    let base = format!("{}/secrets", key_path(env, country));
-    let mut etag: Option<String> = None;
-    loop {
-        let (path, headers) = match &etag {
-            Some(tag) => (
-                format!("{base}?wait=300"),
-                vec![("if-none-match", tag.as_str())],
-            ),
-            None => (base.clone(), vec![]),
-        };
-        let reply = ok(client.request(Method::GET, &path, &headers, None).await?)?;
-        if reply.status == StatusCode::OK {
-            let mut out = std::io::stdout().lock();
-            out.write_all(&reply.body)?;
-            out.write_all(b"\n")?;
-            out.flush()?;
-            etag = reply
-                .headers
-                .get("etag")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-        }
-        if !watch {
-            return Ok(ExitCode::SUCCESS);
-        }
-        if etag.is_none() {
-            bail!("the daemon sent no ETag; cannot watch");
-        }
     }
 }

@@ -18,6 +18,12 @@ use zeroize::Zeroizing;
 /// Length of the GCM IV used to wrap data keys (the daemon supplies it: SoftHSM cannot).
 pub const WRAP_IV_LEN: usize = 12;
 
+pub use crate::audit::MAC_LEN;
+
+/// Number of anchor slots: writes alternate between them, so a write cut short by a kill
+/// spoils at most one, and the other still holds the anchor before it.
+pub const ANCHOR_SLOTS: usize = 2;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HsmError {
     /// The session, the login or the token is gone (or the worker has not got them back
@@ -71,6 +77,17 @@ pub trait Hsm: Send {
         aad: &[u8],
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, HsmError>;
+    /// Finds the MAC key (HMAC-SHA256, never extractable) with this label; creates it when
+    /// absent and `create` is set. Returns whether it was created.
+    fn ensure_mac_key(&mut self, label: &str, create: bool) -> Result<bool, HsmError>;
+    /// HMAC-SHA256 of `data` in the HSM under the MAC key with this label, which must exist.
+    fn mac(&mut self, label: &str, data: &[u8]) -> Result<[u8; MAC_LEN], HsmError>;
+    /// The values of the anchor objects found (each slot's, in no order; a slot whose
+    /// object cannot be read contributes nothing). Their contents are the caller's.
+    fn read_anchors(&mut self) -> Result<Vec<Vec<u8>>, HsmError>;
+    /// Stores `bytes` as anchor slot `slot` (`< ANCHOR_SLOTS`): a kill meanwhile may spoil
+    /// this slot, never the other.
+    fn write_anchor(&mut self, slot: usize, bytes: &[u8]) -> Result<(), HsmError>;
     /// A call that proves the session, the login and the token still hold.
     fn ping(&mut self) -> Result<(), HsmError>;
     /// Throws the session away and opens a new one (re-initializing the module if needed),

@@ -1,4 +1,7 @@
-//! PKCS#11 backend (cryptoki), developed against SoftHSMv2.
+//! PKCS#11 backend (cryptoki), developed against SoftHSMv2. The audit MAC key and the
+//! anchor objects are in `anchor`.
+
+mod anchor;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +15,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
-use super::{softhsm, Hsm, HsmError, WRAP_IV_LEN};
+use super::{softhsm, Hsm, HsmError, MAC_LEN, WRAP_IV_LEN};
 
 const TAG_BITS: u64 = 128;
 
@@ -23,6 +26,8 @@ pub struct Pkcs11Hsm {
     token_label: String,
     pin: AuthPin,
     roots: HashMap<String, ObjectHandle>,
+    /// MAC keys found or made on this session, by label.
+    macs: HashMap<String, ObjectHandle>,
 }
 
 /// A logged-in session and the module context it lives in.
@@ -87,6 +92,7 @@ impl Pkcs11Hsm {
             token_label: token_label.to_string(),
             pin,
             roots: HashMap::new(),
+            macs: HashMap::new(),
         })
     }
 
@@ -318,6 +324,22 @@ impl Hsm for Pkcs11Hsm {
         }
     }
 
+    fn ensure_mac_key(&mut self, label: &str, create: bool) -> Result<bool, HsmError> {
+        self.ensure_mac(label, create)
+    }
+
+    fn mac(&mut self, label: &str, data: &[u8]) -> Result<[u8; MAC_LEN], HsmError> {
+        self.hmac(label, data)
+    }
+
+    fn read_anchors(&mut self) -> Result<Vec<Vec<u8>>, HsmError> {
+        self.anchors()
+    }
+
+    fn write_anchor(&mut self, slot: usize, bytes: &[u8]) -> Result<(), HsmError> {
+        self.store_anchor(slot, bytes)
+    }
+
     fn ping(&mut self) -> Result<(), HsmError> {
         self.session()?.get_session_info().map_err(classify)?;
         // A session can look fine while its token's files are gone: look up a root key
@@ -337,6 +359,7 @@ impl Hsm for Pkcs11Hsm {
         // The old session and context go first: the module cannot be initialized twice.
         self.conn = None;
         self.roots.clear();
+        self.macs.clear();
         self.conn = Some(Conn::open(&self.module, &self.token_label, &self.pin)?);
         Ok(())
     }

@@ -48,6 +48,20 @@ impl Hsm for Fake {
     ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         self.check().map(|_| Zeroizing::new(s.to_vec()))
     }
+    fn ensure_mac_key(&mut self, _: &str, _: bool) -> Result<bool, HsmError> {
+        self.check().map(|_| false)
+    }
+    fn mac(&mut self, _: &str, data: &[u8]) -> Result<[u8; MAC_LEN], HsmError> {
+        use sha2::Digest;
+        self.check()?;
+        Ok(sha2::Sha256::digest(data).into())
+    }
+    fn read_anchors(&mut self) -> Result<Vec<Vec<u8>>, HsmError> {
+        self.check().map(|_| Vec::new())
+    }
+    fn write_anchor(&mut self, _: usize, _: &[u8]) -> Result<(), HsmError> {
+        self.check()
+    }
     fn ping(&mut self) -> Result<(), HsmError> {
         self.check()
     }

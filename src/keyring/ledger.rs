@@ -381,6 +381,7 @@ mod tests {
         use crate::store::{Origin, StoredVersion, VersionType};
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
+        store.set_audit_seal(Arc::new(crate::store::TestSeal));
         let id = id();
         let v = StoredVersion {
             version: 1,

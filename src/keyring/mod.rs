@@ -2,6 +2,7 @@
 //! operations that add versions or change settings (HSM first, then one state transaction,
 //! then a new snapshot). Readers never wait for writers.
 
+pub mod anchor;
 mod aws;
 mod counters;
 mod id;
@@ -13,7 +14,7 @@ pub use aws::{AwsHealth, AwsProblem, RevalidateSettings};
 pub use counters::{Count, CounterValues, RecordCounters};
 
 pub use id::KeyId;
-pub use secret::{harden_process, DataKey, DATA_KEY_LEN};
+pub use secret::{clear_stack, clear_stack_deep, harden_process, DataKey, DATA_KEY_LEN};
 pub use state::{KeyState, Material, Snapshot, VersionState};
 
 use std::collections::BTreeMap;
@@ -134,6 +135,8 @@ impl Keyring {
         clock: SharedClock,
         kms: Arc<dyn KmsDecrypt>,
     ) -> Result<Keyring> {
+        // Before anything is appended: the state against the HSM anchor (see `anchor`).
+        anchor::open_async(store.clone(), hsm.clone()).await?;
         let stored = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.load_all())
@@ -240,16 +243,16 @@ impl Keyring {
             ));
         }
 
-        let (key_bytes, iv, wrapped, root_created, stored_aws, aws_ref) = match aws {
+        let (key, iv, wrapped, root_created, stored_aws, aws_ref) = match aws {
             None => {
                 let (key, iv, wrapped, root_created) = self.make_managed(id, version).await?;
                 (key, iv, wrapped, root_created, None, None)
             }
-            Some((aws, plaintext)) => {
+            Some((aws, key)) => {
                 let (iv, sealed, root_created) = self
                     .seal_aws_secret(id, version, &aws::mark_checked(&aws.secret_access_key))
                     .await?;
-                let check = self.seal_key_check(id, version, &aws, &plaintext).await?;
+                let check = self.seal_key_check(id, version, &aws, key.expose()).await?;
                 let stored = StoredAws {
                     region: aws.region.clone(),
                     encrypted_key: aws.encrypted_key.clone(),
@@ -258,7 +261,7 @@ impl Keyring {
                     check: Some(check),
                 };
                 (
-                    plaintext,
+                    key,
                     iv,
                     sealed,
                     root_created,
@@ -276,9 +279,7 @@ impl Keyring {
             wrapped,
             aws: stored_aws,
         };
-        let material = DataKey::new(&key_bytes[..])
-            .map(|k| Material::Ready(Arc::new(k)))
-            .ok_or_else(|| Error::internal("cannot allocate key memory"))?;
+        let material = Material::Ready(Arc::new(key));
         let audit = AuditEntry::new(now.unix_timestamp(), &req.actor, req.action, Some(id))
             .version(version)
             .outcome("ok", format!("new {} version", kind.as_str()));
@@ -347,7 +348,7 @@ impl Keyring {
             Ok(Err(e @ Error::Unavailable { .. })) => tracing::error!(
                 action,
                 error = %e,
-                "cannot write audit entry: the state is unavailable, so this refusal is recorded only in this log"
+                "cannot write audit entry: the state (or the HSM that MACs it) is unavailable, so this refusal is recorded only in this log"
             ),
             Ok(Err(e)) => tracing::error!(action, error = %e, "cannot write audit entry"),
             Err(e) => tracing::error!(action, error = %e, "cannot write audit entry"),
@@ -381,19 +382,15 @@ impl Keyring {
             .map_err(|e| Error::internal(format!("state writer: {e}")))?
     }
 
-    /// A fresh data key from the HSM RNG, wrapped under the key's root key (created on first
-    /// use, adopted when it already exists). The wrap is checked by unwrapping it again
-    /// before anything is stored.
+    /// A fresh data key from the HSM RNG, written straight into its locked page (what
+    /// crosses the channel is the page's pointer, never the bytes), wrapped under the key's
+    /// root key (created on first use, adopted when it already exists). The wrap is checked
+    /// by unwrapping it again before anything is stored.
     async fn make_managed(
         &self,
         id: &KeyId,
         version: u32,
-    ) -> Result<(
-        Zeroizing<[u8; DATA_KEY_LEN]>,
-        [u8; WRAP_IV_LEN],
-        Vec<u8>,
-        bool,
-    )> {
+    ) -> Result<(DataKey, [u8; WRAP_IV_LEN], Vec<u8>, bool)> {
         let label = id.root_label();
         let aad = id.wrap_aad(version);
         let create_root = version == 1;
@@ -401,13 +398,18 @@ impl Keyring {
             .hsm
             .call(move |h| {
                 let root_created = h.ensure_root_key(&label, create_root)?;
-                let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
-                h.random(&mut key[..])?;
+                let mut key = DataKey::zeroed()
+                    .ok_or_else(|| HsmError::Rejected("cannot allocate key memory".into()))?;
+                h.random(key.bytes_mut())?;
                 let mut iv = [0u8; WRAP_IV_LEN];
                 h.random(&mut iv)?;
-                let wrapped = h.seal(&label, &iv, &aad, &key[..])?;
+                let wrapped = h.seal(&label, &iv, &aad, key.expose())?;
                 let back = h.open(&label, &iv, &aad, &wrapped)?;
-                if back.as_slice() != &key[..] {
+                let same = back.as_slice() == key.expose();
+                drop(back);
+                // The HSM module's frames (the key as its input and output) are gone.
+                clear_stack();
+                if !same {
                     return Err(HsmError::Integrity);
                 }
                 Ok((key, iv, wrapped, root_created))

@@ -42,11 +42,19 @@ impl DataKey {
         if bytes.len() != DATA_KEY_LEN {
             return None;
         }
+        let mut key = Self::zeroed()?;
+        key.bytes_mut().copy_from_slice(bytes);
+        Some(key)
+    }
+
+    /// A page of zeros, locked before anything is written to it: a new key is written
+    /// straight into it (`bytes_mut`), so its bytes are never on a stack, in a channel or in
+    /// a buffer of their own.
+    pub fn zeroed() -> Option<DataKey> {
         let layout = Self::layout();
         // SAFETY: layout has non-zero size.
         let page = NonNull::new(unsafe { alloc_zeroed(layout) })?;
-        // SAFETY: the page holds at least DATA_KEY_LEN bytes and is ours alone.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), page.as_ptr(), DATA_KEY_LEN) };
+        // SAFETY: the page is ours alone and `layout.size()` long.
         let locked = unsafe { nix::sys::mman::mlock(page.cast(), layout.size()) }.is_ok();
         if !locked && !LOCK_WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -54,6 +62,13 @@ impl DataKey {
             );
         }
         Some(DataKey { page, locked })
+    }
+
+    /// The key's bytes, to write a new key in place (only while it is not shared yet).
+    pub fn bytes_mut(&mut self) -> &mut [u8; DATA_KEY_LEN] {
+        // SAFETY: the page starts with DATA_KEY_LEN initialised bytes owned by self, and
+        // `&mut self` makes this the only reference.
+        unsafe { &mut *(self.page.as_ptr() as *mut [u8; DATA_KEY_LEN]) }
     }
 
     fn layout() -> Layout {
@@ -88,6 +103,28 @@ impl fmt::Debug for DataKey {
     }
 }
 
+/// Overwrites the stack below the caller's frame, where functions that have returned (AES
+/// key expansion, cipher state moved between frames, encoders, HSM calls) left copies of key
+/// bytes that no destructor reaches. Called by a function after such work, before it
+/// returns. 64 KiB: more than the deepest such work below its caller uses, in debug builds
+/// too.
+pub fn clear_stack() {
+    scrub_stack::<8192>();
+}
+
+/// `clear_stack` after a call into the AWS SDK (a KMS Decrypt: HTTP, JSON and base64 of
+/// the answer), whose frames reach much deeper: 512 KiB (runtime threads have 2 MiB).
+pub fn clear_stack_deep() {
+    scrub_stack::<65536>();
+}
+
+#[inline(never)]
+fn scrub_stack<const WORDS: usize>() {
+    let mut scrub = [0u64; WORDS];
+    scrub.zeroize();
+    std::hint::black_box(&scrub);
+}
+
 /// Keeps secrets out of core dumps and out of reach of same-uid ptrace.
 pub fn harden_process() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -114,5 +151,9 @@ mod tests {
         assert_eq!(k.expose(), &[7u8; 32]);
         assert_eq!(format!("{k:?}"), "DataKey(<redacted>)");
         assert!(DataKey::new(&[1u8; 16]).is_none());
+        let mut made = DataKey::zeroed().unwrap();
+        made.bytes_mut().copy_from_slice(&[9u8; 32]);
+        assert_eq!(made.expose(), &[9u8; 32]);
+        clear_stack();
     }
 }

@@ -7,7 +7,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::{DataKey, KeyId};
+use super::{DataKey, KeyId, DATA_KEY_LEN};
 use crate::error::{Error, Result};
 use crate::kms::AwsKeyRef;
 use crate::store::{Origin, VersionType};
@@ -186,7 +186,12 @@ impl KeyState {
     }
 
     /// The InCountry SDK secrets document: every servable version, `currentVersion` = active.
-    pub fn secrets_document(&self) -> Result<Zeroizing<String>> {
+    /// Written into one buffer sized up front (never reallocated, so no copy of a key is left
+    /// behind), the base64 of each key encoded straight into it: no JSON tree, no string or
+    /// encoder buffer of its own ever holds a key. Zeroized when dropped; the response body
+    /// owns it (`bytes::Bytes::from_owner`).
+    pub fn secrets_document(&self) -> Result<Zeroizing<Vec<u8>>> {
+        use std::io::Write;
         if let Some(p) = &self.problem {
             return Err(Error::unavailable("root_key_missing", p));
         }
@@ -202,29 +207,40 @@ impl KeyState {
                 ),
             ));
         }
-        // Reserved up front so the buffer holding key material is never reallocated (and
-        // left behind un-zeroized).
-        let mut doc = Zeroizing::new(String::with_capacity(64 + self.versions.len() * 96));
-        doc.push_str(&format!(
-            "{{\"currentVersion\":{},\"secrets\":[",
-            active.version
-        ));
+        let b64 = KEY_BASE64_LEN;
+        // Around each key at most `{"secret":"` + `","version":4294967295,"isKey":true},`
+        // (48 bytes); around the list `{"currentVersion":4294967295,"secrets":[` + `]}` (42).
+        let capacity = 64 + self.versions.len() * (b64 + 64);
+        let mut doc = Zeroizing::new(Vec::with_capacity(capacity));
+        let failed = |_| Error::internal("cannot write the secrets document");
+        write!(doc, "{{\"currentVersion\":{},\"secrets\":[", active.version).map_err(failed)?;
         let mut first = true;
         for v in &self.versions {
             if let Some(k) = v.key() {
                 if !first {
-                    doc.push(',');
+                    doc.push(b',');
                 }
                 first = false;
-                doc.push_str("{\"secret\":\"");
-                base64::engine::general_purpose::STANDARD.encode_string(k.expose(), &mut doc);
-                doc.push_str(&format!("\",\"version\":{},\"isKey\":true}}", v.version));
+                doc.extend_from_slice(b"{\"secret\":\"");
+                let at = doc.len();
+                doc.resize(at + b64, 0);
+                base64::engine::general_purpose::STANDARD
+                    .encode_slice(k.expose(), &mut doc[at..])
+                    .map_err(|_| Error::internal("cannot encode a key"))?;
+                write!(doc, "\",\"version\":{},\"isKey\":true}}", v.version).map_err(failed)?;
             }
         }
-        doc.push_str("]}");
+        doc.extend_from_slice(b"]}");
+        debug_assert!(
+            doc.len() <= capacity,
+            "the secrets document outgrew its buffer"
+        );
         Ok(doc)
     }
 }
+
+/// The length of a data key in padded base64.
+const KEY_BASE64_LEN: usize = DATA_KEY_LEN.div_ceil(3) * 4;
 
 fn share(v: &VersionState) -> VersionState {
     VersionState {
@@ -269,7 +285,8 @@ mod tests {
         let e1 = k.etag();
         let k = k.with_version(version(2, 2), Some(30));
         assert_ne!(e1, k.etag());
-        let doc: serde_json::Value = serde_json::from_str(&k.secrets_document().unwrap()).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_slice(&k.secrets_document().unwrap()).unwrap();
         assert_eq!(doc["currentVersion"], 2);
         assert_eq!(doc["secrets"].as_array().unwrap().len(), 2);
         assert_eq!(doc["secrets"][0]["isKey"], true);

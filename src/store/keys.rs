@@ -2,7 +2,6 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::audit_log::append_audit;
 use super::Store;
 use crate::audit::AuditEntry;
 use crate::error::{Error, Result};
@@ -266,7 +265,7 @@ impl Store {
                 v.aws.as_ref().and_then(|a| a.check.as_ref()).map(|c| c.sealed.as_slice()),
             ],
         )?;
-        append_audit(tx, audit)
+        self.append_audit(tx, audit)
         })
     }
 
@@ -364,7 +363,7 @@ impl Store {
             if n == 0 {
                 return Err(Error::not_found("key_not_found", format!("no key {id}")));
             }
-            append_audit(tx, audit)
+            self.append_audit(tx, audit)
         })
     }
 }

@@ -12,13 +12,16 @@ mod totp;
 use std::fs::{self, File};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, TransactionBehavior};
 
 use crate::error::{Error, Result};
 
-pub use audit_log::read_audit;
+#[cfg(test)]
+pub use audit_log::TestSeal;
+pub use audit_log::{audit_has_macs, audit_hash_at, read_audit, read_head, AuditSeal};
 pub use files::{open_read_only, DB_FILE};
 pub use keys::{
     Origin, SealedCheck, StoredAws, StoredAwsSeals, StoredKey, StoredVersion, VersionType,
@@ -35,6 +38,11 @@ pub struct Store {
     _lock: Option<File>,
     /// Why the last write failed for a reason of the disk; `None` once a write succeeds.
     unavailable: Mutex<Option<String>>,
+    /// MACs audit entries and keeps the HSM anchor (installed by the keyring).
+    seal: Mutex<Option<Arc<dyn AuditSeal>>>,
+    /// Set by an append inside the transaction under way (read and reset under the
+    /// connection's lock).
+    appended: AtomicBool,
 }
 
 impl Store {
@@ -61,6 +69,8 @@ impl Store {
             path,
             _lock: Some(lock),
             unavailable: Mutex::new(None),
+            seal: Mutex::new(None),
+            appended: AtomicBool::new(false),
         })
     }
 
@@ -79,15 +89,21 @@ impl Store {
 
     /// Runs `f` in one immediate transaction and commits it; a failure rolls everything
     /// back (the transaction is dropped), so nothing is half-written. Tracks whether the
-    /// disk takes writes.
+    /// disk takes writes. After a commit that appended audit entries, and with the lock
+    /// released, the seal updates the HSM anchor.
     fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
-        let result = (|| {
+        let (result, appended) = {
             let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
-            tx.commit()?;
-            Ok(out)
-        })();
+            let result = (|| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let out = f(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            // Read and reset under the lock: the flag is this transaction's alone.
+            let appended = self.appended.swap(false, Ordering::SeqCst);
+            (result, appended)
+        };
         let mut health = self.unavailable.lock().unwrap_or_else(|p| p.into_inner());
         match &result {
             Ok(_) => {
@@ -95,8 +111,20 @@ impl Store {
                     tracing::info!("state database takes writes again");
                 }
             }
-            Err(e @ Error::Unavailable { .. }) => *health = Some(e.to_string()),
+            // Only the disk's faults: an HSM that cannot MAC an entry says so itself.
+            Err(
+                e @ Error::Unavailable {
+                    code: "state_unavailable",
+                    ..
+                },
+            ) => *health = Some(e.to_string()),
             Err(_) => {}
+        }
+        drop(health);
+        if appended && result.is_ok() {
+            if let Some(seal) = self.audit_seal() {
+                seal.appended(self);
+            }
         }
         result
     }

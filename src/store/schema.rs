@@ -71,6 +71,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE versions ADD COLUMN encryptions INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE versions ADD COLUMN aws_check_iv BLOB;
      ALTER TABLE versions ADD COLUMN aws_check BLOB;",
+    // 7: each audit entry's HMAC-SHA256 (hex) of its hash under the HSM's audit key; NULL
+    // on entries written before.
+    "ALTER TABLE audit ADD COLUMN mac TEXT;",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> anyhow::Result<()> {

@@ -2,7 +2,6 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::audit_log::append_audit;
 use super::Store;
 use crate::audit::AuditEntry;
 use crate::error::{Error, Result};
@@ -57,7 +56,7 @@ impl Store {
                 "INSERT OR REPLACE INTO totp (uid, iv, sealed, created, last_step) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![uid, &t.iv[..], t.sealed, created, t.last_step as i64],
             )?;
-            append_audit(tx, audit)
+            self.append_audit(tx, audit)
         })
     }
 
@@ -67,7 +66,7 @@ impl Store {
         self.write(|tx| {
             let n = tx.execute("DELETE FROM totp WHERE uid = ?1", [uid])?;
             tx.execute("DELETE FROM totp_attempts WHERE uid = ?1", [uid])?;
-            append_audit(tx, audit)?;
+            self.append_audit(tx, audit)?;
             Ok(n == 1)
         })
     }

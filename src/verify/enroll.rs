@@ -31,12 +31,46 @@ pub(super) enum Basis {
     Offline,
 }
 
-/// What `totp-enroll` shows the admin once.
+/// What `totp-enroll` shows the admin once. Both strings carry the secret: zeroized when
+/// dropped, sent in a body that zeroizes itself (`response::secret_json`). No Debug.
 #[derive(Serialize)]
 pub struct Enrollment {
-    pub otpauth_uri: String,
-    pub secret_base32: String,
+    pub otpauth_uri: Zeroizing<String>,
+    pub secret_base32: Zeroizing<String>,
     pub expires_in_seconds: i64,
+}
+
+/// The secret in base32 (RFC 4648, no padding: 20 bytes are 32 characters), encoded by
+/// totp-rs five bytes at a time: each piece comes out in a buffer of its final size, which
+/// is zeroized (the encoder reallocates its buffer for longer input, leaving a partial copy
+/// behind).
+fn base32(secret: &[u8]) -> Zeroizing<String> {
+    let mut out = Zeroizing::new(String::with_capacity(secret.len().div_ceil(5) * 8));
+    for chunk in secret.chunks(5) {
+        let piece = Zeroizing::new(Secret::from(chunk).to_base32());
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// The otpauth URI of `secret`: totp-rs makes it for an all-zero secret of the same length
+/// (its intermediate strings then hold nothing secret), and the real base32 is put in place
+/// of the zeros' in a zeroizing buffer of its final size.
+fn otpauth_uri(secret: &[u8], uid: u32) -> Result<Zeroizing<String>> {
+    let zeros = vec![0u8; secret.len()];
+    let shape = totp(&zeros, uid)?
+        .to_url()
+        .map_err(|e| Error::internal(format!("otpauth URI: {e}")))?;
+    let placeholder = format!("secret={}", base32(&zeros).as_str());
+    let at = shape
+        .find(&placeholder)
+        .ok_or_else(|| Error::internal("otpauth URI without its secret"))?;
+    let encoded = base32(secret);
+    let mut uri = Zeroizing::new(String::with_capacity(shape.len()));
+    uri.push_str(&shape[..at + "secret=".len()]);
+    uri.push_str(&encoded);
+    uri.push_str(&shape[at + placeholder.len()..]);
+    Ok(uri)
 }
 
 /// Names the vouching admin in a refusal of its code (for the caller and the audit).
@@ -119,16 +153,19 @@ impl TotpVerifier {
                 Ok(s)
             })
             .await?;
-        let t = totp(&secret, uid)?;
         let enrollment = Enrollment {
-            otpauth_uri: t
-                .to_url()
-                .map_err(|e| Error::internal(format!("otpauth URI: {e}")))?,
-            secret_base32: Secret::from(secret.as_slice()).to_base32(),
+            otpauth_uri: otpauth_uri(&secret, uid)?,
+            secret_base32: base32(&secret),
             expires_in_seconds: ENROLL_WINDOW,
         };
-        let expires = self.now() + ENROLL_WINDOW;
-        lock(&self.pending).insert(
+        // The encoders' frames held pieces of the secret.
+        crate::keyring::clear_stack();
+        let now = self.now();
+        let expires = now + ENROLL_WINDOW;
+        let mut pending = lock(&self.pending);
+        // Abandoned enrollments' secrets are not kept past their window.
+        pending.retain(|_, p| p.expires > now);
+        pending.insert(
             uid,
             Pending {
                 secret,
@@ -199,14 +236,15 @@ impl TotpVerifier {
         let other = |e: Error| (e, false);
         let step = totp(&secret, uid)
             .map_err(other)?
-            .check(code.trim(), now.max(0) as u64)
-            .ok_or_else(|| {
-                let e = Error::unauthorized(
-                    "verification_failed",
-                    "the code does not match the new secret",
-                );
-                (e, true)
-            })?;
+            .check(code.trim(), now.max(0) as u64);
+        crate::keyring::clear_stack();
+        let step = step.ok_or_else(|| {
+            let e = Error::unauthorized(
+                "verification_failed",
+                "the code does not match the new secret",
+            );
+            (e, true)
+        })?;
         // The system root key is made with the first enrollment; once secrets exist, a
         // missing key is an error, never silently replaced.
         let create_root = self.state(|s| s.totp_count()).await.map_err(other)? == 0;
@@ -244,5 +282,23 @@ impl TotpVerifier {
         lock(&self.pending).remove(&uid);
         tracing::info!(uid, "verification secret enrolled");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base32_and_uri_are_those_of_totp_rs() {
+        let secret: Vec<u8> = (1..=SECRET_LEN as u8).collect();
+        assert_eq!(
+            base32(&secret).as_str(),
+            Secret::from(secret.as_slice()).to_base32()
+        );
+        assert_eq!(
+            otpauth_uri(&secret, 7).unwrap().as_str(),
+            totp(&secret, 7).unwrap().to_url().unwrap()
+        );
     }
 }

@@ -65,12 +65,14 @@ pub fn rotate_until_ok(d: &Daemon, limit: Duration) -> Duration {
 }
 
 /// `audit verify` on the daemon's state (read-only, so also while it runs): asserts that
-/// the chain is intact and returns how many entries it has.
+/// the chain, the MACs and the state against the HSM anchor pass, and returns how many
+/// entries the log has.
 pub fn audit_verify(d: &Daemon) -> u64 {
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&d.config)
         .args(["audit", "verify"])
+        .env("SOFTHSM2_CONF", d.token.conf())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

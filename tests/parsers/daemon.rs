@@ -23,16 +23,19 @@ use incountry_keyd::api::{self, Peer, Role};
 use incountry_keyd::clock::Clock;
 use incountry_keyd::config::Config;
 use incountry_keyd::daemon::App;
-use incountry_keyd::hsm::{Hsm, HsmError, HsmWorker, WRAP_IV_LEN};
+use incountry_keyd::hsm::{Hsm, HsmError, HsmWorker, MAC_LEN, WRAP_IV_LEN};
 use incountry_keyd::keyring::Keyring;
 use incountry_keyd::kms::{AwsKeyRef, DecryptFuture, KmsDecrypt};
 use incountry_keyd::store::Store;
 use incountry_keyd::verify::Verifier;
 
-/// AES-256-GCM root keys in memory, with the `Hsm` trait's error semantics.
+/// AES-256-GCM root keys, MAC keys and anchor slots in memory, with the `Hsm` trait's
+/// error semantics.
 #[derive(Default)]
 struct MemoryHsm {
     roots: HashMap<String, [u8; 32]>,
+    macs: HashMap<String, [u8; 32]>,
+    anchors: HashMap<usize, Vec<u8>>,
 }
 
 impl MemoryHsm {
@@ -93,6 +96,41 @@ impl Hsm for MemoryHsm {
             .decrypt(Nonce::from_slice(iv), Payload { msg: sealed, aad })
             .map(Zeroizing::new)
             .map_err(|_| HsmError::Integrity)
+    }
+
+    fn ensure_mac_key(&mut self, label: &str, create: bool) -> Result<bool, HsmError> {
+        if self.macs.contains_key(label) {
+            return Ok(false);
+        }
+        if !create {
+            return Err(HsmError::RootKeyMissing(label.to_string()));
+        }
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        self.macs.insert(label.to_string(), key);
+        Ok(true)
+    }
+
+    /// A keyed SHA-256 (not HMAC: a stand-in with the same interface).
+    fn mac(&mut self, label: &str, data: &[u8]) -> Result<[u8; MAC_LEN], HsmError> {
+        use sha2::Digest;
+        let key = self
+            .macs
+            .get(label)
+            .ok_or_else(|| HsmError::RootKeyMissing(label.to_string()))?;
+        let mut h = sha2::Sha256::new();
+        h.update(key);
+        h.update(data);
+        Ok(h.finalize().into())
+    }
+
+    fn read_anchors(&mut self) -> Result<Vec<Vec<u8>>, HsmError> {
+        Ok(self.anchors.values().cloned().collect())
+    }
+
+    fn write_anchor(&mut self, slot: usize, bytes: &[u8]) -> Result<(), HsmError> {
+        self.anchors.insert(slot, bytes.to_vec());
+        Ok(())
     }
 
     fn ping(&mut self) -> Result<(), HsmError> {

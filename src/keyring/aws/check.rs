@@ -153,6 +153,8 @@ impl Keyring {
         let label = id.root_label();
         let aad = check_aad(id, version, aws);
         let kcv = key_check_value(key);
+        // SHA-256's frames held the key.
+        crate::keyring::clear_stack();
         let sealed = self
             .hsm
             .call(move |h| {

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use self::check::{Binding, CHECKED_MARK};
-use super::{KeyId, Keyring, Material, DATA_KEY_LEN};
+use super::{DataKey, KeyId, Keyring, Material, DATA_KEY_LEN};
 use crate::clock::rfc3339;
 use crate::error::{Error, Result};
 use crate::hsm::HsmError;
@@ -176,13 +176,17 @@ pub(super) fn load_version(
 }
 
 impl Keyring {
-    /// KMS Decrypt of a version being registered; refusals become errors naming the cause.
+    /// KMS Decrypt of a version being registered, into its locked page (moved from here on
+    /// as the page's pointer); refusals become errors naming the cause.
     pub(super) async fn decrypt_for_registration(
         &self,
         id: &KeyId,
         aws: &AwsKeyRef,
-    ) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>> {
-        let plaintext = self.kms.decrypt(aws).await.map_err(|e| match e {
+    ) -> Result<DataKey> {
+        let plaintext = self.kms.decrypt(aws).await;
+        // The SDK's answer parsing (the key in base64 and raw) ran in frames below this one.
+        super::clear_stack_deep();
+        let plaintext = plaintext.map_err(|e| match e {
             KmsError::Rejected { cause, .. } => Error::bad_input(
                 cause.code(),
                 format!(
@@ -198,7 +202,6 @@ impl Keyring {
                 ),
             ),
         })?;
-        let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
         if plaintext.len() != DATA_KEY_LEN {
             return Err(Error::bad_input(
                 "aws_key_length",
@@ -208,8 +211,7 @@ impl Keyring {
                 ),
             ));
         }
-        key.copy_from_slice(&plaintext);
-        Ok(key)
+        DataKey::new(&plaintext).ok_or_else(|| Error::internal("cannot allocate key memory"))
     }
 
     fn checks(&self) -> std::sync::MutexGuard<'_, Checks> {
