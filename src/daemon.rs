@@ -93,7 +93,15 @@ pub fn read_pin(path: &Path) -> anyhow::Result<Zeroizing<String>> {
 
 /// Opens the HSM on its worker thread.
 pub fn open_hsm(config: &Config) -> anyhow::Result<(HsmWorker, HsmThread)> {
-    let pin = read_pin(&config.hsm.pin_path()?)?;
+    open_hsm_with(config, read_pin(&config.hsm.pin_path()?)?)
+}
+
+/// Opens the HSM with a PIN read earlier (offline tools read it as root, then drop to the
+/// state directory's owner).
+pub fn open_hsm_with(
+    config: &Config,
+    pin: Zeroizing<String>,
+) -> anyhow::Result<(HsmWorker, HsmThread)> {
     let module = config.hsm.module.clone();
     let label = config.hsm.token_label.clone();
     let worker = HsmWorker::start(move || {

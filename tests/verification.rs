@@ -640,3 +640,75 @@ fn verification_off_enrolls_nothing() {
         r.text()
     );
 }
+
+/// The install's layout: the daemon runs as its own user, which owns the state directory and
+/// the token; the offline tools run as root. They act as the state's owner, so what they
+/// write (the state, the HSM system key) stays the daemon's.
+#[test]
+fn offline_tools_run_as_root_act_as_the_state_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let mut d = Daemon::prepare(Options {
+        verification: "totp",
+        admins: vec!["uid:0".into()],
+        ..Options::default()
+    });
+    d.open_to_others();
+    let state = d.tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let chown = |p: &std::path::Path| {
+        let ok = Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(p)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    let run = d.tmp.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let socket = run.join("keyd.sock");
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let cfg = cfg.replace(
+        &d.socket.display().to_string(),
+        &socket.display().to_string(),
+    );
+    std::fs::write(&d.config, cfg).unwrap();
+    d.socket = socket;
+    chown(&run);
+    chown(&state);
+    chown(&d.token.dir);
+    // The PIN as a credential would be: root's, readable by the daemon's group.
+    let pin = d.token.pin_file();
+    std::os::unix::fs::chown(&pin, Some(0), Some(65534)).unwrap();
+    std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    let secret = bootstrap(&d, 0);
+    for f in ["keyd.sqlite3", "keyd.lock"] {
+        assert_eq!(
+            std::fs::metadata(state.join(f)).unwrap().uid(),
+            65534,
+            "{f}"
+        );
+    }
+    // The daemon, as that user, reads what the tool wrote, and takes its codes.
+    let bin = d.tmp.path().join("keyd-bin");
+    std::fs::copy(BIN, &bin).unwrap();
+    d.prefix = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "exec setpriv --reuid=65534 --regid=65534 --clear-groups {} \"$@\"",
+            bin.display()
+        )
+        .into(),
+    ];
+    let d = d.launch();
+    let code = next_code(&d, &secret);
+    let r = http(
+        &d.socket,
+        "POST",
+        "/v1/keys/prod/DE",
+        &[("X-Verification-Code", &code)],
+        br#"{"type":"incountry-managed","rotation_period_days":30}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}

@@ -119,24 +119,21 @@ pub(super) fn totp_bootstrap(
     state_dir: Option<PathBuf>,
     config_path: &Path,
 ) -> anyhow::Result<ExitCode> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("totp-enroll --uid must run as root");
-    }
     let config = Config::load(config_path)?;
-    let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
-    // The secret passes through this process: no core dumps, no ptrace by others.
-    crate::keyring::harden_process();
-    // Takes the state lock: refuses while the daemon runs.
-    let store = std::sync::Arc::new(crate::store::Store::open(&dir)?);
+    // Takes the state lock (refuses while the daemon runs) and checks the HSM anchor: its
+    // audit entry is MACed and anchored, as the daemon's are.
+    let Offline {
+        store,
+        hsm,
+        thread: hsm_thread,
+        actor,
+    } = Offline::open(&config, state_dir, "totp-enroll --uid")?;
+    let store = std::sync::Arc::new(store);
     if config.verification.mode == crate::config::VerificationMode::Off {
         eprintln!(
             "note: verification.mode is \"off\": the daemon asks for no codes until it is \"totp\""
         );
     }
-    let (hsm, hsm_thread) = crate::daemon::open_hsm(&config)?;
-    // Its audit entry is MACed and anchored, as the daemon's are; a state behind the
-    // anchor is refused here too.
-    crate::keyring::anchor::open(&store, &hsm)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -150,11 +147,6 @@ pub(super) fn totp_bootstrap(
         let enrollment = verifier.offline_enroll_begin(uid).await?;
         show_enrollment(&enrollment.otpauth_uri);
         drop(enrollment);
-        let actor = crate::audit::Actor::Peer {
-            uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
-            pid: Some(std::process::id() as i32),
-        };
         const TRIES: u32 = 3;
         for attempt in 1..=TRIES {
             let code = prompt("Code: ")?;
@@ -185,36 +177,74 @@ pub(super) fn totp_reset(
     state_dir: Option<PathBuf>,
     config_path: &Path,
 ) -> anyhow::Result<ExitCode> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("totp-reset must run as root");
-    }
     let config = Config::load(config_path)?;
-    let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
-    // Takes the state lock: refuses while the daemon runs.
-    let store = crate::store::Store::open(&dir)?;
-    // The reset's audit entry is MACed and anchored, as the daemon's are (a state behind
-    // the HSM anchor is refused here too).
-    let (hsm, hsm_thread) = crate::daemon::open_hsm(&config)?;
-    let result = totp_delete(&store, &hsm, uid);
+    let Offline {
+        store,
+        hsm,
+        thread,
+        actor,
+    } = Offline::open(&config, state_dir, "totp-reset")?;
+    let result = totp_delete(&store, &actor, uid);
     drop(store);
     drop(hsm);
-    hsm_thread.wait(std::time::Duration::from_secs(10));
+    thread.wait(std::time::Duration::from_secs(10));
     result
+}
+
+/// What an offline admin tool works with: the state (its lock held) and the HSM, opened
+/// as the state directory's owner, and the root process it acts for (the audit actor).
+struct Offline {
+    store: crate::store::Store,
+    hsm: crate::hsm::HsmWorker,
+    thread: crate::hsm::HsmThread,
+    actor: crate::audit::Actor,
+}
+
+impl Offline {
+    /// Runs as root, reads the PIN, then becomes the state directory's owner (the daemon's
+    /// user under the unit): the files it writes in the state and the token stay the
+    /// daemon's, and the state is checked as the daemon checks it.
+    fn open(config: &Config, state_dir: Option<PathBuf>, what: &str) -> anyhow::Result<Offline> {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            bail!("{what} must run as root");
+        }
+        let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
+        let actor = crate::audit::Actor::Peer {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            pid: Some(std::process::id() as i32),
+        };
+        let pin = crate::daemon::read_pin(&config.hsm.pin_path()?)?;
+        let meta = std::fs::metadata(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot read state directory {}: {e}", dir.display()))?;
+        if meta.uid() != 0 {
+            use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+            setgroups(&[])?;
+            setgid(Gid::from_raw(meta.gid()))?;
+            setuid(Uid::from_raw(meta.uid()))?;
+        }
+        // Secrets pass through this process: no core dumps, no ptrace by others.
+        crate::keyring::harden_process();
+        let store = crate::store::Store::open(&dir)?;
+        let (hsm, thread) = crate::daemon::open_hsm_with(config, pin)?;
+        crate::keyring::anchor::open(&store, &hsm)?;
+        Ok(Offline {
+            store,
+            hsm,
+            thread,
+            actor,
+        })
+    }
 }
 
 fn totp_delete(
     store: &crate::store::Store,
-    hsm: &crate::hsm::HsmWorker,
+    actor: &crate::audit::Actor,
     uid: u32,
 ) -> anyhow::Result<ExitCode> {
-    crate::keyring::anchor::open(store, hsm)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let actor = crate::audit::Actor::Peer {
-        uid: nix::unistd::getuid().as_raw(),
-        gid: nix::unistd::getgid().as_raw(),
-        pid: Some(std::process::id() as i32),
-    };
-    let entry = crate::audit::AuditEntry::new(now, &actor, "totp-reset", None).outcome(
+    let entry = crate::audit::AuditEntry::new(now, actor, "totp-reset", None).outcome(
         "ok",
         format!("offline reset of uid {uid}'s verification secret"),
     );
