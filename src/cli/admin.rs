@@ -216,13 +216,17 @@ impl Offline {
             pid: Some(std::process::id() as i32),
         };
         let pin = crate::daemon::read_pin(&config.hsm.pin_path()?)?;
-        let meta = std::fs::metadata(&dir)
-            .map_err(|e| anyhow::anyhow!("cannot read state directory {}: {e}", dir.display()))?;
-        if meta.uid() != 0 {
+        // A state directory not made yet (no daemon has run) is made by Store::open as root.
+        let owner = match std::fs::metadata(&dir) {
+            Ok(meta) => Some((meta.uid(), meta.gid())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => bail!("cannot read state directory {}: {e}", dir.display()),
+        };
+        if let Some((uid, gid)) = owner.filter(|(uid, _)| *uid != 0) {
             use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
             setgroups(&[])?;
-            setgid(Gid::from_raw(meta.gid()))?;
-            setuid(Uid::from_raw(meta.uid()))?;
+            setgid(Gid::from_raw(gid))?;
+            setuid(Uid::from_raw(uid))?;
         }
         // Secrets pass through this process: no core dumps, no ptrace by others.
         crate::keyring::harden_process();
