@@ -113,28 +113,37 @@ impl Pkcs11Hsm {
             .map_err(classify)
     }
 
-    /// The root key with this label. A token whose files went away answers searches with
-    /// nothing (SoftHSM keeps answering CKR_OK), so for a key that must exist, "absent" is
-    /// only believed after a fresh session, with the module initialized again, finds
-    /// nothing either. (Not for a key about to be made: a login rewrites SoftHSM's token
-    /// file, so logins are kept to start-up and real faults.)
+    /// The root key with this label (see `find_whole`).
     fn find_root(
         &mut self,
         label: &str,
         must_exist: bool,
+    ) -> Result<Option<ObjectHandle>, HsmError> {
+        self.find_whole(label, must_exist, Self::usable)
+    }
+
+    /// The one whole secret key with this label. A token whose files went away answers
+    /// searches with nothing (SoftHSM keeps answering CKR_OK), so for a key that must
+    /// exist, "absent" is only believed after a fresh session, with the module initialized
+    /// again, finds nothing either. (Not for a key about to be made: a login rewrites
+    /// SoftHSM's token file, so logins are kept to start-up and real faults.) An object a
+    /// killed process left half-written carries the label but fails `usable` (SoftHSM
+    /// cannot even destroy it): passed over, so that a key not made yet gets a whole one.
+    pub(super) fn find_whole(
+        &mut self,
+        label: &str,
+        must_exist: bool,
+        usable: fn(&Self, ObjectHandle) -> Result<bool, HsmError>,
     ) -> Result<Option<ObjectHandle>, HsmError> {
         let mut found = self.find_label(label)?;
         if found.is_empty() && must_exist {
             self.reconnect()?;
             found = self.find_label(label)?;
         }
-        // An object a killed process left half-written carries the label but cannot be
-        // used (SoftHSM cannot even destroy it): passed over, so that a key not made yet
-        // gets a whole one.
         let all = found.len();
         let mut whole = Vec::with_capacity(all);
         for h in found {
-            if self.usable(h)? {
+            if usable(self, h)? {
                 whole.push(h);
             }
         }
@@ -142,7 +151,7 @@ impl Pkcs11Hsm {
             tracing::warn!(
                 label,
                 incomplete = all - whole.len(),
-                "passing over root key objects that are incomplete (left by an interrupted creation)"
+                "passing over key objects that are incomplete (left by an interrupted creation)"
             );
         }
         match whole.len() {

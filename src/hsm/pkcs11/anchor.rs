@@ -12,7 +12,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 
 use super::{classify, root_id, rv, Pkcs11Hsm};
-use crate::hsm::{Hsm, HsmError, ANCHOR_SLOTS, MAC_LEN};
+use crate::hsm::{HsmError, ANCHOR_SLOTS, MAC_LEN};
 
 /// CKA_APPLICATION of the anchor objects.
 const APPLICATION: &[u8] = b"incountry-keyd";
@@ -23,39 +23,13 @@ type LabelledValue = (Vec<u8>, Vec<u8>);
 pub const ANCHOR_LABELS: [&str; ANCHOR_SLOTS] = ["keyd-anchor/a", "keyd-anchor/b"];
 
 impl Pkcs11Hsm {
-    /// The MAC key with this label, like `find_root`: "absent" is believed for a key that
-    /// must exist only after a fresh session finds nothing either; for a key about to be
-    /// made it is not (a login rewrites SoftHSM's token file). Incomplete objects left by
-    /// an interrupted creation are passed over.
+    /// The MAC key with this label (see `find_whole`).
     fn find_mac(
         &mut self,
         label: &str,
         must_exist: bool,
     ) -> Result<Option<ObjectHandle>, HsmError> {
-        let mut found = self.find_label(label)?;
-        if found.is_empty() && must_exist {
-            self.reconnect()?;
-            found = self.find_label(label)?;
-        }
-        let all = found.len();
-        let mut whole = Vec::with_capacity(all);
-        for h in found {
-            if self.usable_mac(h)? {
-                whole.push(h);
-            }
-        }
-        if whole.len() < all {
-            tracing::warn!(
-                label,
-                incomplete = all - whole.len(),
-                "passing over MAC key objects that are incomplete (left by an interrupted creation)"
-            );
-        }
-        match whole.len() {
-            0 => Ok(None),
-            1 => Ok(Some(whole[0])),
-            n => Err(HsmError::DuplicateRootKey(n, label.to_string())),
-        }
+        self.find_whole(label, must_exist, Self::usable_mac)
     }
 
     /// Whether a found MAC key object is whole: a 32-byte generic secret allowed to sign,
