@@ -172,6 +172,30 @@ impl Pkcs11Hsm {
         Ok(h)
     }
 
+    /// An object's attributes; `None` when it cannot even state them (an object left
+    /// half-written), which makes it no key one can use.
+    pub(super) fn attributes_of(
+        &self,
+        h: ObjectHandle,
+        wanted: &[AttributeType],
+    ) -> Result<Option<Vec<Attribute>>, HsmError> {
+        match self.session()?.get_attributes(h, wanted) {
+            Ok(attrs) => Ok(Some(attrs)),
+            Err(e)
+                if matches!(
+                    rv(&e),
+                    Some(RvError::AttributeTypeInvalid | RvError::AttributeSensitive)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => match classify(e) {
+                HsmError::Rejected(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     /// Whether a found root key object is whole: a 32-byte AES key allowed to encrypt and
     /// decrypt, that does encrypt.
     fn usable(&self, h: ObjectHandle) -> Result<bool, HsmError> {
@@ -181,21 +205,8 @@ impl Pkcs11Hsm {
             AttributeType::Decrypt,
             AttributeType::ValueLen,
         ];
-        let attrs = match self.session()?.get_attributes(h, &wanted) {
-            Ok(attrs) => attrs,
-            Err(e)
-                if matches!(
-                    rv(&e),
-                    Some(RvError::AttributeTypeInvalid | RvError::AttributeSensitive)
-                ) =>
-            {
-                return Ok(false)
-            }
-            Err(e) => match classify(e) {
-                // Attributes the object cannot even state: not a key one can use.
-                HsmError::Rejected(_) => return Ok(false),
-                other => return Err(other),
-            },
+        let Some(attrs) = self.attributes_of(h, &wanted)? else {
+            return Ok(false);
         };
         let mut whole = [false; 4];
         for a in attrs {

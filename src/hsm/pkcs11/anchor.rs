@@ -7,11 +7,10 @@
 //! unreadable remnant that is passed over; and since the caller alternates between the two
 //! slots, the other one holds the anchor before in any case.
 
-use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 
-use super::{classify, root_id, rv, Pkcs11Hsm};
+use super::{classify, root_id, Pkcs11Hsm};
 use crate::hsm::{HsmError, ANCHOR_SLOTS, MAC_LEN};
 
 /// CKA_APPLICATION of the anchor objects.
@@ -40,20 +39,8 @@ impl Pkcs11Hsm {
             AttributeType::Sign,
             AttributeType::ValueLen,
         ];
-        let attrs = match self.session()?.get_attributes(h, &wanted) {
-            Ok(attrs) => attrs,
-            Err(e)
-                if matches!(
-                    rv(&e),
-                    Some(RvError::AttributeTypeInvalid | RvError::AttributeSensitive)
-                ) =>
-            {
-                return Ok(false)
-            }
-            Err(e) => match classify(e) {
-                HsmError::Rejected(_) => return Ok(false),
-                other => return Err(other),
-            },
+        let Some(attrs) = self.attributes_of(h, &wanted)? else {
+            return Ok(false);
         };
         let mut whole = [false; 3];
         for a in attrs {
