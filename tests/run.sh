@@ -39,7 +39,8 @@ cargo clippy --lib --bins -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --features test-clock 2>&1 | tee "$log"
+# Every binary runs even after a failure, so one CI run shows every failing test.
+cargo test --no-fail-fast --features test-clock 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # One closing line over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -91,6 +91,30 @@ fn prlimit(pid: u32, nofile: &str) {
     assert!(ok, "prlimit --nofile={nofile}");
 }
 
+/// The descriptors a process has open: number and what it points to.
+fn open_fds(pid: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((
+                e.file_name().to_str()?.parse().ok()?,
+                target.to_string_lossy().into_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The sockets a process has open (accepted connections among them).
+fn sockets(pid: u32) -> std::collections::HashSet<String> {
+    open_fds(pid)
+        .into_iter()
+        .map(|(_, t)| t)
+        .filter(|t| t.starts_with("socket:"))
+        .collect()
+}
+
 #[test]
 fn hsm_fd_shortage_during_a_change() {
     let d = Daemon::start_with(options());
@@ -108,10 +132,20 @@ fn hsm_fd_shortage_during_a_change() {
     // Only the soft limit drops: without CAP_SYS_RESOURCE a hard limit cannot come back.
     let hard = before.split(':').nth(1).unwrap().to_string();
     // Connected before the shortage: accept() needs a descriptor too.
+    let sockets_before = sockets(pid);
     let mut conn = UnixStream::connect(&d.socket).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    prlimit(pid, &format!("16:{hard}"));
+    let start = std::time::Instant::now();
+    while sockets(pid).is_subset(&sockets_before) {
+        assert!(start.elapsed() < Duration::from_secs(10), "never accepted");
+        std::thread::yield_now();
+    }
+    // A fixed number (16 once) depends on how many descriptors the daemon happens to
+    // hold on this machine; the lowest free number makes the very next open fail.
+    let fds: Vec<u32> = open_fds(pid).into_iter().map(|(n, _)| n).collect();
+    let lowest_free = (0..).find(|n| !fds.contains(n)).unwrap();
+    prlimit(pid, &format!("{lowest_free}:{hard}"));
     conn.write_all(b"POST /v1/keys/prod/DE/rotate HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut raw = Vec::new();
