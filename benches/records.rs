@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
-use incountry_keyd::crypto;
+use incountry_keyd::domain::crypto;
 
 fn rate(n: usize, f: impl FnMut(usize)) -> f64 {
     let mut f = f;

@@ -21,26 +21,26 @@ pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86_400);
 pub struct Config {
     pub version: u32,
     #[serde(default)]
-    pub server: Server,
+    pub server: ServerSection,
     #[serde(default)]
-    pub hsm: Hsm,
+    pub hsm: HsmSection,
     #[serde(default)]
-    pub state: State,
+    pub state: StateSection,
     #[serde(default)]
-    pub access: Access,
+    pub access: AccessSection,
     #[serde(default)]
-    pub limits: Limits,
+    pub limits: LimitsSection,
     #[serde(default)]
-    pub verification: Verification,
+    pub verification: VerificationSection,
     #[serde(default)]
-    pub aws: Aws,
+    pub aws: AwsSection,
     #[serde(default)]
-    pub log: Log,
+    pub log: LogSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Server {
+pub struct ServerSection {
     pub socket: PathBuf,
     /// Octal string, e.g. "0660".
     #[serde(deserialize_with = "de_mode")]
@@ -57,9 +57,9 @@ pub struct Server {
     pub request_timeout: Duration,
 }
 
-impl Default for Server {
+impl Default for ServerSection {
     fn default() -> Self {
-        Server {
+        ServerSection {
             socket: PathBuf::from(DEFAULT_SOCKET),
             socket_mode: 0o660,
             max_body: 1024 * 1024,
@@ -72,16 +72,16 @@ impl Default for Server {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Hsm {
+pub struct HsmSection {
     pub module: PathBuf,
     pub token_label: String,
     /// Where the user PIN is read from. `None`: `$CREDENTIALS_DIRECTORY/hsm-pin`.
     pub pin_file: Option<PathBuf>,
 }
 
-impl Default for Hsm {
+impl Default for HsmSection {
     fn default() -> Self {
-        Hsm {
+        HsmSection {
             module: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
             token_label: "incountry-keyd".into(),
             pin_file: None,
@@ -89,7 +89,7 @@ impl Default for Hsm {
     }
 }
 
-impl Hsm {
+impl HsmSection {
     /// The PIN file in force: the configured one, else the systemd credential.
     pub fn pin_path(&self) -> anyhow::Result<PathBuf> {
         if let Some(p) = &self.pin_file {
@@ -106,13 +106,13 @@ impl Hsm {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct State {
+pub struct StateSection {
     pub dir: PathBuf,
 }
 
-impl Default for State {
+impl Default for StateSection {
     fn default() -> Self {
-        State {
+        StateSection {
             dir: PathBuf::from("/var/lib/incountry-keyd"),
         }
     }
@@ -120,43 +120,52 @@ impl Default for State {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Access {
+pub struct AccessSection {
     pub readers: Vec<String>,
     pub admins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Limits {
+pub struct LimitsSection {
     pub versions_per_day: u32,
     pub customer_supplied_versions: u32,
 }
 
-impl Default for Limits {
+impl Default for LimitsSection {
     fn default() -> Self {
-        Limits {
+        LimitsSection {
             versions_per_day: 1,
             customer_supplied_versions: 100,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VerificationMode {
     Totp,
     Off,
 }
 
+impl VerificationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerificationMode::Totp => "totp",
+            VerificationMode::Off => "off",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Verification {
+pub struct VerificationSection {
     pub mode: VerificationMode,
 }
 
-impl Default for Verification {
+impl Default for VerificationSection {
     fn default() -> Self {
-        Verification {
+        VerificationSection {
             mode: VerificationMode::Totp,
         }
     }
@@ -164,7 +173,7 @@ impl Default for Verification {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Aws {
+pub struct AwsSection {
     pub endpoint_url: Option<String>,
     #[serde(deserialize_with = "de_duration")]
     pub revalidate_interval: Duration,
@@ -174,9 +183,9 @@ pub struct Aws {
     pub request_timeout: Duration,
 }
 
-impl Default for Aws {
+impl Default for AwsSection {
     fn default() -> Self {
-        Aws {
+        AwsSection {
             endpoint_url: None,
             revalidate_interval: Duration::from_secs(15 * 60),
             max_stale: Duration::from_secs(24 * 3600),
@@ -187,14 +196,14 @@ impl Default for Aws {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Log {
+pub struct LogSection {
     /// A tracing filter: "info", "debug", "incountry_keyd=debug,warn", ...
     pub level: String,
 }
 
-impl Default for Log {
+impl Default for LogSection {
     fn default() -> Self {
-        Log {
+        LogSection {
             level: "info".into(),
         }
     }

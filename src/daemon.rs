@@ -5,111 +5,24 @@ mod logging;
 
 pub use logging::{init_logging, log_filter};
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use arc_swap::ArcSwap;
-use cryptoki::types::AuthPin;
 use tokio::signal::unix::{signal, SignalKind};
-use zeroize::Zeroizing;
 
-use crate::clock::default_clock;
-use crate::config::{AccessPolicy, Config, VerificationMode};
-use crate::hsm::{Hsm, HsmThread, HsmWorker, Pkcs11Hsm};
-use crate::keyring::{harden_process, Keyring, RevalidateSettings};
+use crate::api::App;
+use crate::config::{Config, VerificationMode};
+use crate::domain::clock::default_clock;
+use crate::domain::secret::harden_process;
+use crate::hsm::HsmWorker;
+use crate::keyring::{Keyring, RevalidateSettings};
 use crate::kms::AwsKms;
-use crate::metrics::Metrics;
-use crate::rotation::RotatorStatus;
 use crate::store::Store;
 use crate::verify::Verifier;
 use crate::{api, systemd};
 use logging::LogHandle;
-
-/// What every request handler shares.
-pub struct App {
-    pub keyring: Keyring,
-    pub config: ArcSwap<Config>,
-    pub access: ArcSwap<AccessPolicy>,
-    pub verifier: Verifier,
-    /// Flips to true when shutdown starts, ending long polls.
-    pub stopping: tokio::sync::watch::Sender<bool>,
-    pub metrics: Metrics,
-    pub rotator: RotatorStatus,
-    /// Bumped when the (test) clock moves: wakes the rotator and the KMS revalidation.
-    pub clock_changed: tokio::sync::watch::Sender<u64>,
-    /// Bumped when a reload changes the access lists: long polls check their peer again.
-    pub access_changed: tokio::sync::watch::Sender<u64>,
-    /// Refusals of peers without a role, summarized for the audit log.
-    pub refusals: crate::api::Refusals,
-}
-
-impl App {
-    pub fn new(keyring: Keyring, config: Config, verifier: Verifier) -> anyhow::Result<App> {
-        Ok(App {
-            metrics: Metrics::new(keyring.hsm().error_counter()),
-            keyring,
-            access: ArcSwap::from_pointee(config.access_policy()?),
-            config: ArcSwap::from_pointee(config),
-            verifier,
-            stopping: tokio::sync::watch::channel(false).0,
-            rotator: RotatorStatus::default(),
-            clock_changed: tokio::sync::watch::channel(0).0,
-            access_changed: tokio::sync::watch::channel(0).0,
-            refusals: crate::api::Refusals::default(),
-        })
-    }
-
-    /// The test clock moved: wake whatever waits on time.
-    pub fn on_clock_change(&self) {
-        self.clock_changed.send_modify(|n| *n += 1);
-    }
-}
-
-/// Reads the HSM user PIN from its file; refuses a file others can read.
-pub fn read_pin(path: &Path) -> anyhow::Result<Zeroizing<String>> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read HSM PIN file {}", path.display()))?;
-    crate::config::check_not_writable_by_others(path, "HSM PIN file")?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o007 != 0 {
-        bail!(
-            "HSM PIN file {} is accessible to others (mode {mode:04o}); chmod 0600 it",
-            path.display()
-        );
-    }
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read HSM PIN file {}", path.display()))?,
-    );
-    let pin = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
-    if pin.is_empty() {
-        bail!("HSM PIN file {} is empty", path.display());
-    }
-    Ok(pin)
-}
-
-/// Opens the HSM on its worker thread.
-pub fn open_hsm(config: &Config) -> anyhow::Result<(HsmWorker, HsmThread)> {
-    open_hsm_with(config, read_pin(&config.hsm.pin_path()?)?)
-}
-
-/// Opens the HSM with a PIN read earlier (offline tools read it as root, then drop to the
-/// state directory's owner).
-pub fn open_hsm_with(
-    config: &Config,
-    pin: Zeroizing<String>,
-) -> anyhow::Result<(HsmWorker, HsmThread)> {
-    let module = config.hsm.module.clone();
-    let label = config.hsm.token_label.clone();
-    let worker = HsmWorker::start(move || {
-        let pin = AuthPin::from(pin.as_str());
-        Pkcs11Hsm::open(&module, &label, pin).map(|h| Box::new(h) as Box<dyn Hsm>)
-    })?;
-    Ok(worker)
-}
 
 pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load_for_daemon(&config_path)?;
@@ -131,7 +44,7 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!("verification.mode = \"off\": admin changes need no verification code (development only)");
     }
     systemd::status("opening the HSM");
-    let (hsm, hsm_thread) = open_hsm(&config)?;
+    let (hsm, hsm_thread) = crate::hsm::open(&config)?;
     let result = match Store::open(&config.state.dir) {
         Ok(store) => runtime.block_on(run(config_path, config, log, hsm, Arc::new(store), signals)),
         Err(e) => Err(e),
@@ -204,7 +117,7 @@ async fn run(
     ));
     let keyring = Keyring::load(store, hsm, clock, kms).await?;
     let (listener, origin) = systemd::listener(&config.server.socket, config.server.socket_mode)?;
-    if matches!(origin, systemd::Origin::Activated(_)) {
+    if matches!(origin, systemd::ListenerSource::Activated(_)) {
         tracing::debug!("socket from systemd: server.socket and server.socket_mode are not used");
     }
     let listener = tokio::net::UnixListener::from_std(listener)?;
@@ -233,7 +146,16 @@ async fn run(
         spawn_watchdog(app.clone(), interval);
     }
     spawn_status(app.clone());
-    tokio::spawn(crate::rotation::run(app.clone()));
+    let rotating = app.clone();
+    tokio::spawn(async move {
+        let a = &rotating;
+        let rotator = crate::rotation::Rotator {
+            keyring: &a.keyring,
+            status: &a.rotator,
+            metrics: &a.metrics,
+        };
+        crate::rotation::run(rotator, a.clock_changed.subscribe(), a.stopping.subscribe()).await
+    });
 
     let shutdown = {
         let app = app.clone();
@@ -252,13 +174,7 @@ async fn run(
     };
     api::serve(app.clone(), listener, shutdown).await;
     // Exact encryption counts replace the reserved ones (see keyring::ledger).
-    if let Err(e) = app
-        .keyring
-        .records()
-        .encryptions()
-        .flush(app.keyring.store().clone())
-        .await
-    {
+    if let Err(e) = app.keyring.flush_encryptions().await {
         tracing::warn!(error = %e, "cannot store the exact encryption counts; the stored ones stay ahead");
     }
     tracing::info!("stopped");
@@ -302,7 +218,7 @@ fn spawn_watchdog(app: Arc<App>, interval: Duration) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let alive = app.keyring.hsm().alive();
+            let alive = app.keyring.hsm_alive();
             if tokio::time::timeout(period / 2, alive).await == Ok(true) {
                 systemd::watchdog();
             } else {
@@ -368,7 +284,7 @@ fn status_line(app: &App) -> String {
     if bad > 0 {
         s.push_str(&format!("; degraded: {bad} versions unavailable"));
     }
-    if app.verifier.mode() == "off" {
+    if app.verifier.mode() == VerificationMode::Off {
         s.push_str("; verification off");
     }
     s

@@ -1,27 +1,55 @@
 //! incountry-keyd: HSM-backed, versioned data keys per (environment, country), served to
 //! local InCountry Border processes over HTTP on a Unix socket.
 //!
-//! Where a request goes: `api` (socket, peer credentials, routing) → `verify` (admin
-//! verification codes) → `keyring` (live keys, key operations) → `hsm` (root keys, wrapping,
-//! on a dedicated thread), `kms` (AWS KMS for customer-supplied keys) and `store` (SQLite
-//! state). `daemon` wires them together;
-//! `cli` and `client` are the command line.
+//! Layers, bottom to top; each module imports only from its own layer or below
+//! (`LAYERS` lists them; `tests/layers.rs` fails on an import that goes up):
+//! 1. `domain`: names, versions, snapshot, live key memory, limits, audit entries, errors,
+//!    clock, the SDK record format;
+//! 2. adapters: `store` (state behind the `Store` trait), `hsm`, `kms`, `config`, `systemd`;
+//! 3. services: `keyring` (sole owner of the HSM, store and KMS handles), `verify`,
+//!    `rotation`, `metrics`;
+//! 4. `api` (socket, routing, handlers) and `proto` (the typed wire protocol);
+//! 5. `daemon`: wiring only;
+//! 6. `cli`: commands, the socket client, bulk rewrap.
+//!
+//! Where a request goes: `api::serve` accepts it → `api::routes` → a handler in `api` →
+//! `verify` (admin codes) → `keyring` → `hsm` / `store` / `kms`.
 
-pub mod api;
-pub mod audit;
-pub mod cli;
-pub mod client;
-pub mod clock;
+pub mod domain;
+
 pub mod config;
-pub mod crypto;
-pub mod daemon;
-pub mod error;
 pub mod hsm;
-pub mod keyring;
 pub mod kms;
-pub mod metrics;
-pub mod rewrap;
-pub mod rotation;
 pub mod store;
 pub mod systemd;
+
+pub mod keyring;
+pub mod metrics;
+pub mod rotation;
 pub mod verify;
+
+pub mod api;
+pub mod proto;
+
+pub mod daemon;
+
+pub mod cli;
+
+/// Every top-level module and its layer (1 = bottom). A module may import only from
+/// modules of its own layer or below; `tests/layers.rs` checks the source against this.
+pub const LAYERS: &[(&str, u8)] = &[
+    ("domain", 1),
+    ("config", 2),
+    ("hsm", 2),
+    ("kms", 2),
+    ("store", 2),
+    ("systemd", 2),
+    ("keyring", 3),
+    ("metrics", 3),
+    ("rotation", 3),
+    ("verify", 3),
+    ("api", 4),
+    ("proto", 4),
+    ("daemon", 5),
+    ("cli", 6),
+];

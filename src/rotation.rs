@@ -5,17 +5,19 @@
 //! for wall-clock jumps and suspend) and wakes early on any key change or clock change.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::audit::Actor;
-use crate::clock::rfc3339;
-use crate::daemon::App;
-use crate::keyring::{KeyId, KeySource, NewVersion};
-use crate::store::Origin;
+use crate::domain::audit::Actor;
+use crate::domain::audit::AuditOutcome;
+use crate::domain::clock::rfc3339;
+use crate::domain::Initiator;
+use crate::domain::KeyId;
+use crate::keyring::{KeySource, Keyring, NewVersion};
+use crate::metrics::Metrics;
 
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 const FIRST_RETRY: Duration = Duration::from_secs(5);
@@ -72,13 +74,22 @@ impl RotatorStatus {
     }
 }
 
-/// Runs until the daemon stops.
-pub async fn run(app: Arc<App>) {
-    let mut changes = app.keyring.subscribe();
-    let mut stopping = app.stopping.subscribe();
-    let mut clock = app.clock_changed.subscribe();
+/// What the rotator works with: the keys, its own status (for health) and its counters.
+pub struct Rotator<'a> {
+    pub keyring: &'a Keyring,
+    pub status: &'a RotatorStatus,
+    pub metrics: &'a Metrics,
+}
+
+/// Runs until `stopping` turns true; wakes early when a key or the clock (`clock`) changes.
+pub async fn run(
+    r: Rotator<'_>,
+    mut clock: tokio::sync::watch::Receiver<u64>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut changes = r.keyring.subscribe();
     loop {
-        let wake_in = pass(&app).await;
+        let wake_in = pass(&r).await;
         tokio::select! {
             _ = tokio::time::sleep(wake_in) => {}
             _ = clock.changed() => {}
@@ -89,10 +100,10 @@ pub async fn run(app: Arc<App>) {
 }
 
 /// Rotates every due key once; returns how long to sleep before the next pass.
-async fn pass(app: &App) -> Duration {
-    let now = app.keyring.clock().now().unix_timestamp();
+async fn pass(r: &Rotator<'_>) -> Duration {
+    let now = r.keyring.now();
     let mut sleep = MAX_SLEEP;
-    for key in app.keyring.snapshot().keys.values() {
+    for key in r.keyring.snapshot().keys.values() {
         let Some(due) = key.next_rotation() else {
             continue;
         };
@@ -100,8 +111,8 @@ async fn pass(app: &App) -> Duration {
             sleep = sleep.min(Duration::from_secs((due - now) as u64));
             continue;
         }
-        let retry_at = app
-            .rotator
+        let retry_at = r
+            .status
             .with(|s| s.failing.get(&key.id).map(|f| f.retry_at));
         if let Some(at) = retry_at.filter(|at| *at > Instant::now()) {
             sleep = sleep.min(at - Instant::now());
@@ -110,7 +121,7 @@ async fn pass(app: &App) -> Duration {
         let req = NewVersion {
             source: KeySource::Managed,
             rotation_period_days: None,
-            origin: Origin::Timer,
+            origin: Initiator::Timer,
             versions_per_day: u32::MAX,
             customer_supplied_versions: u32::MAX,
             existing_only: true,
@@ -118,24 +129,24 @@ async fn pass(app: &App) -> Duration {
             actor: Actor::Timer,
             action: "rotate",
         };
-        match app.keyring.add_version(&key.id, req).await {
+        match r.keyring.add_version(&key.id, req).await {
             Ok(made) => {
-                app.metrics.rotations.inc();
-                app.rotator.with(|s| s.failing.remove(&key.id));
+                r.metrics.rotations.inc();
+                r.status.with(|s| s.failing.remove(&key.id));
                 tracing::info!(
                     env = %key.id.env, country = %key.id.country, version = made.version,
                     overdue_seconds = now - due, "timer rotation"
                 );
             }
             // Someone else changed the key first: the next pass re-plans from the new state.
-            Err(crate::error::Error::Conflict {
+            Err(crate::domain::error::Error::Conflict {
                 code: "stale_rotation",
                 ..
             }) => {}
             Err(e) => {
-                app.metrics.rotation_failures.inc();
-                let attempts = app
-                    .rotator
+                r.metrics.rotation_failures.inc();
+                let attempts = r
+                    .status
                     .with(|s| s.failing.get(&key.id).map_or(0, |f| f.attempts))
                     + 1;
                 let backoff =
@@ -144,12 +155,12 @@ async fn pass(app: &App) -> Duration {
                     env = %key.id.env, country = %key.id.country, attempts,
                     retry_in_seconds = backoff.as_secs(), error = %e, "timer rotation failed"
                 );
-                let entry = app
+                let entry = r
                     .keyring
                     .audit_entry(&Actor::Timer, "rotate", Some(&key.id))
-                    .outcome("failed", e.to_string());
-                app.keyring.audit(entry).await;
-                app.rotator.with(|s| {
+                    .outcome(AuditOutcome::Failed, e.to_string());
+                r.keyring.audit(entry).await;
+                r.status.with(|s| {
                     s.failing.insert(
                         key.id.clone(),
                         Failure {
@@ -163,7 +174,7 @@ async fn pass(app: &App) -> Duration {
             }
         }
     }
-    app.rotator.with(|s| {
+    r.status.with(|s| {
         s.checks += 1;
         s.last_check = Some(now);
     });

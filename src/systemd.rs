@@ -14,19 +14,19 @@ use sd_notify::NotifyState;
 
 /// Where the listening socket came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
+pub enum ListenerSource {
     /// Passed by systemd (LISTEN_FDS); the path it is bound to, when it has one.
     Activated(Option<PathBuf>),
     /// Bound by the daemon at this path.
     Bound(PathBuf),
 }
 
-impl std::fmt::Display for Origin {
+impl std::fmt::Display for ListenerSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Origin::Activated(Some(p)) => write!(f, "{} (from systemd)", p.display()),
-            Origin::Activated(None) => f.write_str("socket from systemd"),
-            Origin::Bound(p) => write!(f, "{}", p.display()),
+            ListenerSource::Activated(Some(p)) => write!(f, "{} (from systemd)", p.display()),
+            ListenerSource::Activated(None) => f.write_str("socket from systemd"),
+            ListenerSource::Bound(p) => write!(f, "{}", p.display()),
         }
     }
 }
@@ -36,7 +36,7 @@ impl std::fmt::Display for Origin {
 pub fn listener(
     path: &Path,
     mode: u32,
-) -> anyhow::Result<(std::os::unix::net::UnixListener, Origin)> {
+) -> anyhow::Result<(std::os::unix::net::UnixListener, ListenerSource)> {
     let mut fds = sd_notify::listen_fds().context("LISTEN_FDS")?;
     if fds.len() > 1 {
         bail!(
@@ -51,12 +51,12 @@ pub fn listener(
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         return activated(fd);
     }
-    bind(path, mode).map(|l| (l, Origin::Bound(path.to_path_buf())))
+    bind(path, mode).map(|l| (l, ListenerSource::Bound(path.to_path_buf())))
 }
 
 /// Checks that a passed descriptor is a listening Unix stream socket, so peer credentials
 /// work and accept() answers.
-fn activated(fd: OwnedFd) -> anyhow::Result<(std::os::unix::net::UnixListener, Origin)> {
+fn activated(fd: OwnedFd) -> anyhow::Result<(std::os::unix::net::UnixListener, ListenerSource)> {
     let kind = getsockopt(&fd.as_fd(), sockopt::SockType)
         .context("the descriptor systemd passed is not a socket")?;
     let addr: SockaddrStorage =
@@ -77,7 +77,7 @@ fn activated(fd: OwnedFd) -> anyhow::Result<(std::os::unix::net::UnixListener, O
     let path = unix.path().map(Path::to_path_buf);
     let listener = std::os::unix::net::UnixListener::from(fd);
     listener.set_nonblocking(true)?;
-    Ok((listener, Origin::Activated(path)))
+    Ok((listener, ListenerSource::Activated(path)))
 }
 
 fn bind(path: &Path, mode: u32) -> anyhow::Result<std::os::unix::net::UnixListener> {

@@ -23,20 +23,17 @@ use std::sync::{Arc, Mutex};
 use totp_rs::{Algorithm, Builder, Secret, Totp};
 use zeroize::Zeroizing;
 
-use crate::api::Peer;
-use crate::audit::Actor;
-use crate::clock::SharedClock;
 use crate::config::VerificationMode;
-use crate::error::{Error, Result};
+use crate::domain::audit::Actor;
+use crate::domain::clock::SharedClock;
+use crate::domain::error::{Error, Result};
+use crate::domain::Caller;
 use crate::hsm::HsmWorker;
 use crate::store::{Store, StoredTotp, TotpLimits};
 use enroll::{Basis, Pending};
 
 /// Label of the HSM root key that seals TOTP secrets.
 pub const SYSTEM_ROOT: &str = "keyd-system/totp";
-/// Header naming the enrolled admin whose code `X-Verification-Code` carries, when it
-/// vouches for another uid's first enrollment.
-pub const VOUCHER_HEADER: &str = "x-verification-uid";
 const LIMITS: TotpLimits = TotpLimits {
     max_failures: 5,
     window: 300,
@@ -128,10 +125,10 @@ impl Verifier {
         }
     }
 
-    pub fn mode(&self) -> &'static str {
+    pub fn mode(&self) -> VerificationMode {
         match self {
-            Verifier::Off => "off",
-            Verifier::Totp(_) => "totp",
+            Verifier::Off => VerificationMode::Off,
+            Verifier::Totp(_) => VerificationMode::Totp,
         }
     }
 
@@ -143,7 +140,7 @@ impl Verifier {
     }
 
     /// Checks the code of an admin change (after the admin role was confirmed).
-    pub async fn check(&self, peer: &Peer, code: Option<&str>, _action: &str) -> Result<()> {
+    pub async fn check(&self, peer: &Caller, code: Option<&str>, _action: &str) -> Result<()> {
         match self {
             Verifier::Off => Ok(()),
             Verifier::Totp(t) => t.check(peer.uid, code).await,
@@ -157,14 +154,14 @@ impl Verifier {
     /// access.admins); while no admin is enrolled it is refused (offline bootstrap only).
     pub async fn enroll_begin(
         &self,
-        peer: &Peer,
+        peer: &Caller,
         code: Option<&str>,
         voucher: Option<u32>,
     ) -> Result<Enrollment> {
         self.totp()?.enroll_begin(peer, code, voucher).await
     }
 
-    pub async fn enroll_confirm(&self, peer: &Peer, code: &str) -> Result<()> {
+    pub async fn enroll_confirm(&self, peer: &Caller, code: &str) -> Result<()> {
         self.totp()?
             .activate(peer.uid, code, &Actor::of(peer), true)
             .await
@@ -277,7 +274,7 @@ impl TotpVerifier {
             let secret = self.unseal(uid, &stored).await?;
             let step = totp(&secret, uid)?.check(code, now.max(0) as u64);
             // The HMAC's frames held the secret (XORed with its pads).
-            crate::keyring::clear_stack();
+            crate::domain::secret::clear_stack();
             Ok::<_, Error>(step)
         }
         .await;
@@ -316,7 +313,7 @@ impl TotpVerifier {
         self.hsm
             .call(move |h| {
                 let opened = h.open(SYSTEM_ROOT, &iv, &aad(uid), &sealed);
-                crate::keyring::clear_stack();
+                crate::domain::secret::clear_stack();
                 opened
             })
             .await

@@ -10,13 +10,17 @@ use serde_json::json;
 use super::body::read_json;
 use super::peer::{Peer, Role};
 use super::response::{self, Body};
-use super::routes::{key_document, query_param, VERIFICATION_HEADER};
-use crate::audit::Actor;
-use crate::daemon::App;
-use crate::error::{Error, Result};
-use crate::keyring::{check_period, KeyId, KeySource, NewVersion};
-use crate::kms::AwsKeyRef;
-use crate::store::Origin;
+use super::routes::{key_document, query_param};
+use crate::api::App;
+use crate::domain::audit::Actor;
+use crate::domain::audit::AuditOutcome;
+use crate::domain::error::{Error, Result};
+use crate::domain::limits::check_period;
+use crate::domain::AwsKeyRef;
+use crate::domain::Initiator;
+use crate::domain::KeyId;
+use crate::keyring::{KeySource, NewVersion};
+use crate::proto::{VERIFICATION_HEADER, VOUCHER_HEADER};
 use zeroize::Zeroizing;
 
 /// No Debug: it may hold an IAM secret key, which is zeroized wherever the body is dropped
@@ -191,9 +195,9 @@ pub async fn admin(
     } else if let Err(e) = &result {
         let outcome = match e {
             Error::Unavailable { .. } | Error::Integrity { .. } | Error::Internal { .. } => {
-                "failed"
+                AuditOutcome::Failed
             }
-            _ => "refused",
+            _ => AuditOutcome::Refused,
         };
         if e.code() == "state_unavailable" {
             tracing::error!(
@@ -208,7 +212,7 @@ pub async fn admin(
         }
         let entry = app
             .keyring
-            .audit_entry(&Actor::of(peer), action.name(), id.as_ref().ok())
+            .audit_entry(&Actor::of(&peer.caller()), action.name(), id.as_ref().ok())
             .outcome(outcome, format!("{}: {e}", e.code()));
         app.keyring.audit(entry).await;
     }
@@ -231,7 +235,7 @@ async fn authorize_admin(
         .headers()
         .get(VERIFICATION_HEADER)
         .and_then(|v| v.to_str().ok());
-    app.verifier.check(peer, code, action).await
+    app.verifier.check(&peer.caller(), code, action).await
 }
 
 async fn create(
@@ -295,12 +299,12 @@ async fn add_version(
     let req = NewVersion {
         source,
         rotation_period_days: period,
-        origin: Origin::Admin,
+        origin: Initiator::Admin,
         versions_per_day: app.config.load().limits.versions_per_day,
         customer_supplied_versions: app.config.load().limits.customer_supplied_versions,
         existing_only: matches!(action, AdminAction::Rotate),
         expect_active: None,
-        actor: Actor::of(peer),
+        actor: Actor::of(&peer.caller()),
         action: action.name(),
     };
     let made = app.keyring.add_version(id, req).await?;
@@ -325,7 +329,7 @@ async fn settings(
         )
     })?;
     app.keyring
-        .set_rotation_period(&id, check_period(days)?, &Actor::of(peer))
+        .set_rotation_period(&id, check_period(days)?, &Actor::of(&peer.caller()))
         .await?;
     tracing::info!(uid = peer.uid, pid = peer.pid, action = "settings", env = %id.env, country = %id.country, rotation_period_days = days, "key settings changed");
     let key = app.keyring.key(&id)?;
@@ -359,7 +363,9 @@ pub async fn enroll(
             let body: ConfirmBody = read_json(app, req).await?.ok_or_else(|| {
                 Error::bad_input("missing_body", "{\"code\": \"123456\"} is required")
             })?;
-            app.verifier.enroll_confirm(peer, &body.code).await?;
+            app.verifier
+                .enroll_confirm(&peer.caller(), &body.code)
+                .await?;
             Ok(response::json(
                 StatusCode::OK,
                 &json!({ "enrolled": true, "uid": peer.uid }),
@@ -370,7 +376,10 @@ pub async fn enroll(
                 .get(VERIFICATION_HEADER)
                 .and_then(|v| v.to_str().ok());
             let voucher = voucher(app, &req).await?;
-            let enrollment = app.verifier.enroll_begin(peer, code, voucher).await?;
+            let enrollment = app
+                .verifier
+                .enroll_begin(&peer.caller(), code, voucher)
+                .await?;
             Ok(response::secret_json(StatusCode::OK, &enrollment))
         }
     }
@@ -381,8 +390,8 @@ pub async fn enroll(
         tracing::warn!(uid = peer.uid, pid = peer.pid, error = %e, "TOTP enrollment refused");
         let entry = app
             .keyring
-            .audit_entry(&Actor::of(peer), "totp-enroll", None)
-            .outcome("refused", format!("{}: {e}", e.code()));
+            .audit_entry(&Actor::of(&peer.caller()), "totp-enroll", None)
+            .outcome(AuditOutcome::Refused, format!("{}: {e}", e.code()));
         app.keyring.audit(entry).await;
     }
     result
@@ -392,10 +401,10 @@ pub async fn enroll(
 /// enrollment: it must be in access.admins now (its uid, primary group and supplementary
 /// groups from the user database). Not read when verification is off.
 async fn voucher(app: &App, req: &Request<Incoming>) -> Result<Option<u32>> {
-    let Some(value) = req.headers().get(crate::verify::VOUCHER_HEADER) else {
+    let Some(value) = req.headers().get(VOUCHER_HEADER) else {
         return Ok(None);
     };
-    if app.verifier.mode() == "off" {
+    if app.verifier.mode() == crate::config::VerificationMode::Off {
         return Ok(None);
     }
     let uid = value
@@ -452,7 +461,7 @@ pub fn audit(app: &App, peer: &Peer, query: Option<&str>) -> Result<Response<Bod
         })?,
         None => 0,
     };
-    let entries = app.keyring.store().audit_since(since, 1000)?;
+    let entries = app.keyring.audit_since(since, 1000)?;
     let next = entries.last().map_or(since, |e| e.seq);
     Ok(response::json(
         StatusCode::OK,

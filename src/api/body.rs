@@ -6,8 +6,8 @@ use hyper::header::CONTENT_LENGTH;
 use hyper::Request;
 use serde::de::DeserializeOwned;
 
-use crate::daemon::App;
-use crate::error::{Error, Result};
+use crate::api::App;
+use crate::domain::error::{Error, Result};
 
 /// Reads a JSON body of at most `server.max_body` bytes. `None` for an empty body.
 pub(super) async fn read_json<T: DeserializeOwned>(

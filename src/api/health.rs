@@ -7,12 +7,11 @@ use serde_json::json;
 
 use super::peer::Role;
 use super::response::{self, Body};
-use crate::daemon::App;
+use crate::api::App;
 
 pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
     // The ping proves the session against the token; a failure makes the worker reconnect.
-    let hsm = app.keyring.hsm();
-    let ping = tokio::time::timeout(Duration::from_secs(2), hsm.call(|h| h.ping())).await;
+    let ping = tokio::time::timeout(Duration::from_secs(2), app.keyring.hsm_ping()).await;
     let hsm_error = match ping {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e.to_string()),
@@ -31,13 +30,13 @@ pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
     let degraded = hsm_error.is_some()
         || state_error.is_some()
         || !unavailable.is_empty()
-        || verification == "off"
+        || verification == crate::config::VerificationMode::Off
         || !rotation.failing.is_empty()
-        || aws.status == "degraded";
+        || aws.status == crate::keyring::AwsStatus::Degraded;
     let mut doc = json!({
         "status": if degraded { "degraded" } else { "ok" },
         "hsm": if hsm_error.is_some() { "unavailable" } else { "ok" },
-        "hsm_reconnects": hsm.status().reconnects,
+        "hsm_reconnects": app.keyring.hsm_status().reconnects,
         "state": if state_error.is_some() { "unavailable" } else { "ok" },
         "keys": snap.keys.len(),
         "versions": versions,

@@ -2,6 +2,7 @@
 //! request is routed in `routes`, and errors become statuses in `response`.
 
 mod admin;
+mod app;
 mod body;
 mod conn;
 mod health;
@@ -11,9 +12,9 @@ mod refusals;
 pub mod response;
 mod routes;
 
+pub use app::App;
 pub use peer::{Peer, Role};
 pub use refusals::Refusals;
-pub use routes::VERIFICATION_HEADER;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +23,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::UnixListener;
-
-use crate::daemon::App;
 
 /// How long in-flight requests may take to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(30);
@@ -121,7 +120,7 @@ async fn audit_refusal_summaries(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     loop {
         tick.tick().await;
-        let now = app.keyring.clock().now().unix_timestamp();
+        let now = app.keyring.now();
         for s in app.refusals.due(now) {
             app.keyring.audit(refusals::refusal_summary(&app, &s)).await;
         }

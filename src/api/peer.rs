@@ -5,6 +5,7 @@ use std::os::fd::AsRawFd;
 use tokio::net::UnixStream;
 
 use crate::config::AccessPolicy;
+use crate::domain::Caller;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
@@ -38,6 +39,15 @@ impl Peer {
         };
         peer.role = peer.role_in(access);
         Ok(peer)
+    }
+
+    /// Who this is, for the layers below the api (audit, verification).
+    pub fn caller(&self) -> Caller {
+        Caller {
+            uid: self.uid,
+            gid: self.gid,
+            pid: self.pid,
+        }
     }
 
     /// The role these credentials have under `access` (the lists in force may have changed

@@ -16,10 +16,13 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::response::{self, Body};
-use crate::crypto::{self, Format};
-use crate::daemon::App;
-use crate::error::{Error, Result};
-use crate::keyring::{Count, DataKey, KeyId, KeyState};
+use crate::api::App;
+use crate::domain::crypto::{self, Format};
+use crate::domain::error::{Error, Result};
+use crate::domain::DataKey;
+use crate::domain::KeyId;
+use crate::domain::KeyState;
+use crate::keyring::RecordEvent;
 
 /// Most items in one `{"batch": [...]}`.
 pub const MAX_BATCH: usize = 1000;
@@ -75,7 +78,7 @@ struct CipherItem {
 }
 
 /// Counts to add once a request is done: (version, what) → n.
-type Tally = HashMap<(u32, Count), u64>;
+type EventCounts = HashMap<(u32, RecordEvent), u64>;
 
 /// A records request body: JSON whose objects name no field twice, at any depth. (serde_json's
 /// `Value` keeps the last of two equal keys, so `{"plaintext":"a","plaintext":"b"}` would
@@ -189,7 +192,7 @@ pub async fn handle(
 ) -> Result<Response<Body>> {
     let key = app.keyring.key(&id)?;
     let limit = max_plaintext(app.config.load().server.max_body);
-    if let Some(p) = &key.problem {
+    if let Some(p) = &key.unavailable_reason {
         return Err(Error::unavailable("root_key_missing", p));
     }
     let Some(RecordsBody(Value::Object(mut body))) = body else {
@@ -231,7 +234,7 @@ pub async fn handle(
         let (results, tally, budget) = tokio::task::spawn_blocking(move || {
             let (results, tally) = run_batch(&worker_key, op, items, limit, &mut budget);
             // AES key expansion and the cipher's moves left key bytes in finished frames.
-            crate::keyring::clear_stack();
+            crate::domain::secret::clear_stack();
             (results, tally, budget)
         })
         .await
@@ -249,7 +252,7 @@ pub async fn handle(
         ))
     } else {
         let (version, mut budget) = reserve(app, &key, op, 1).await?;
-        let mut tally = Tally::new();
+        let mut tally = EventCounts::new();
         let result = run_one(
             &key,
             op,
@@ -258,7 +261,7 @@ pub async fn handle(
             &mut tally,
             &mut budget,
         );
-        crate::keyring::clear_stack();
+        crate::domain::secret::clear_stack();
         release(app, &key.id, version, budget);
         count(app, &key.id, tally);
         Ok(response::json(StatusCode::OK, &result?))
@@ -275,8 +278,9 @@ async fn reserve(app: &App, key: &KeyState, op: Op, items: u64) -> Result<(u32, 
         (Op::Encrypt | Op::Rewrap, Some(v)) => (v.version, items),
         (_, v) => (v.map_or(0, |v| v.version), 0),
     };
-    let left = ledger
-        .reserve(app.keyring.store().clone(), &key.id, version, wanted)
+    let left = app
+        .keyring
+        .reserve_encryptions(&key.id, version, wanted)
         .await?;
     Ok((version, Budget { left, limit }))
 }
@@ -289,7 +293,7 @@ fn release(app: &App, id: &KeyId, version: u32, budget: Budget) {
         .release(id, version, budget.left);
 }
 
-fn count(app: &App, id: &KeyId, tally: Tally) {
+fn count(app: &App, id: &KeyId, tally: EventCounts) {
     for ((version, what), n) in tally {
         app.keyring.records().add(id, version, what, n);
     }
@@ -301,8 +305,8 @@ fn run_batch(
     items: Vec<Value>,
     limit: usize,
     budget: &mut Budget,
-) -> (Vec<Value>, Tally) {
-    let mut tally = Tally::new();
+) -> (Vec<Value>, EventCounts) {
+    let mut tally = EventCounts::new();
     let results = items
         .into_iter()
         .map(
@@ -326,7 +330,7 @@ fn run_one(
     op: Op,
     item: Value,
     limit: usize,
-    tally: &mut Tally,
+    tally: &mut EventCounts,
     budget: &mut Budget,
 ) -> Result<Value> {
     match op {
@@ -342,7 +346,7 @@ fn run_one(
             let (version, data_key) = active(key)?;
             budget.take(key, version)?;
             let ciphertext = crypto::encrypt(data_key.expose(), item.plaintext.as_bytes())?;
-            *tally.entry((version, Count::Encrypted)).or_default() += 1;
+            *tally.entry((version, RecordEvent::Encrypted)).or_default() += 1;
             Ok(json!({"ciphertext": ciphertext, "version": version}))
         }
         Op::Decrypt => {
@@ -350,7 +354,7 @@ fn run_one(
             let (plain, version) = open(key, &item)?;
             let text = crypto::into_text(plain)?;
             if let Some(v) = version {
-                *tally.entry((v, Count::Decrypted)).or_default() += 1;
+                *tally.entry((v, RecordEvent::Decrypted)).or_default() += 1;
             }
             Ok(json!({"plaintext": text.as_str()}))
         }
@@ -368,9 +372,11 @@ fn run_one(
             }
             budget.take(key, active_version)?;
             let ciphertext = crypto::encrypt(data_key.expose(), &plain)?;
-            *tally.entry((active_version, Count::Rewrapped)).or_default() += 1;
+            *tally
+                .entry((active_version, RecordEvent::Rewrapped))
+                .or_default() += 1;
             if let Some(v) = version {
-                *tally.entry((v, Count::RewrappedAway)).or_default() += 1;
+                *tally.entry((v, RecordEvent::RewrappedAway)).or_default() += 1;
             }
             Ok(json!({
                 "ciphertext": ciphertext,

@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::Peer;
-use crate::audit::{Actor, AuditEntry};
-use crate::daemon::App;
+use crate::api::App;
+use crate::domain::audit::AuditOutcome;
+use crate::domain::audit::{Actor, AuditEntry};
 
 /// Seconds between two audit entries for one uid's refusals.
 pub const SUMMARY_SECONDS: i64 = 60;
@@ -100,7 +101,7 @@ pub(super) async fn refused_without_role(app: &App, peer: &Peer, action: &str) {
         action,
         "refused: no admin role"
     );
-    let now = app.keyring.clock().now().unix_timestamp();
+    let now = app.keyring.now();
     if let Some(s) = app.refusals.note(peer.uid, peer.gid, now) {
         app.keyring.audit(refusal_summary(app, &s)).await;
     }
@@ -121,11 +122,11 @@ pub(crate) fn refusal_summary(app: &App, s: &Summary) -> AuditEntry {
     app.keyring
         .audit_entry(&actor, "refused-no-role", None)
         .outcome(
-            "refused",
+            AuditOutcome::Refused,
             format!(
                 "forbidden: refused {} time(s) since {} (uid {} is not in access.admins)",
                 s.count,
-                crate::clock::rfc3339(s.since),
+                crate::domain::clock::rfc3339(s.since),
                 s.uid
             ),
         )

@@ -7,7 +7,7 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::error::Error;
+use crate::domain::error::Error;
 
 pub type Body = Full<Bytes>;
 
@@ -75,7 +75,7 @@ pub fn secret_json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body
     }
 }
 
-/// A JSON body that carries key material: it owns the buffer and zeroizes it once the last
+/// A JSON body that carries key availability: it owns the buffer and zeroizes it once the last
 /// reference (hyper's, while it writes) is dropped. The connection writes it out vectored
 /// (`http1::Builder::writev`), so hyper does not copy it into a buffer of its own.
 pub fn secret_bytes(status: StatusCode, body: Zeroizing<Vec<u8>>) -> Response<Body> {

@@ -16,14 +16,14 @@ use super::health::health;
 use super::peer::{Peer, Role};
 use super::records::{self, Op};
 use super::response::{self, Body};
-use crate::clock::rfc3339;
-use crate::daemon::App;
-use crate::error::{Error, Result};
-use crate::keyring::{KeyId, KeyState, RecordCounters};
-use crate::store::VersionType;
+use crate::api::App;
+use crate::domain::clock::rfc3339;
+use crate::domain::error::{Error, Result};
+use crate::domain::KeyId;
+use crate::domain::KeyState;
+use crate::domain::VersionType;
+use crate::keyring::RecordCounters;
 
-/// Header carrying the verification code of admin requests.
-pub const VERIFICATION_HEADER: &str = "x-verification-code";
 const MAX_WAIT_SECONDS: u64 = 300;
 
 enum Route<'a> {
@@ -203,7 +203,7 @@ async fn dispatch(
             .await
         }
         (Route::Metrics, _) => {
-            let now = app.keyring.clock().now().unix_timestamp();
+            let now = app.keyring.now();
             let text = app.metrics.render(&app.keyring.snapshot(), now);
             let mut resp = response::bytes(StatusCode::OK, Bytes::from(text));
             resp.headers_mut().insert(
@@ -272,7 +272,7 @@ fn list(app: &App) -> Response<Body> {
                 "versions": k.versions.len(),
                 "available_versions": k.versions.iter().filter(|v| v.key().is_some()).count(),
                 "rotation_period_months": k.rotation_period_days.map(months),
-                "problem": k.problem,
+                "problem": k.unavailable_reason,
             })
         })
         .collect();
@@ -300,7 +300,7 @@ pub(super) fn key_document(k: &KeyState, counters: &RecordCounters) -> serde_jso
             doc["records_rewrapped"] = json!(c.records_rewrapped);
             doc["records_decrypted"] = json!(c.records_decrypted);
             doc["records_rewrapped_away"] = json!(c.records_rewrapped_away);
-            if let crate::keyring::Material::Unavailable(why) = &v.material {
+            if let Some(why) = v.availability.unavailable_reason() {
                 doc["error"] = json!(why);
             }
             doc
@@ -314,7 +314,7 @@ pub(super) fn key_document(k: &KeyState, counters: &RecordCounters) -> serde_jso
         "rotation_period_months": k.rotation_period_days.map(months),
         "active_version": k.active().map(|v| v.version),
         "next_rotation": k.next_rotation().map(rfc3339),
-        "problem": k.problem,
+        "problem": k.unavailable_reason,
         "versions": versions,
     })
 }
@@ -417,9 +417,9 @@ async fn test_clock(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Re
     let body: Advance = read_json(app, req)
         .await?
         .ok_or_else(|| Error::bad_input("missing_body", "advance_seconds is required"))?;
-    app.keyring.clock().advance(body.advance_seconds);
+    app.keyring.advance_clock(body.advance_seconds);
     app.on_clock_change();
-    let now = app.keyring.clock().now().unix_timestamp();
+    let now = app.keyring.now();
     Ok(response::json(
         StatusCode::OK,
         &json!({ "now": rfc3339(now), "unix": now }),

@@ -10,7 +10,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::{ok, Code};
-use crate::client::{Client, Reply};
+use crate::cli::client::{Client, Reply};
 use crate::config::Config;
 
 pub(super) async fn admin(
@@ -40,7 +40,7 @@ pub(super) async fn admin(
 
 /// The verification-code header, when there is a code.
 fn code_header(code: Option<&str>) -> Vec<(&'static str, &str)> {
-    code.map(|c| vec![(crate::api::VERIFICATION_HEADER, c)])
+    code.map(|c| vec![(crate::proto::VERIFICATION_HEADER, c)])
         .unwrap_or_default()
 }
 
@@ -74,7 +74,7 @@ pub(super) async fn totp_enroll(
     let code_uid = code_uid.map(|u| u.to_string());
     let mut headers = code_header(code.as_deref());
     if let Some(uid) = &code_uid {
-        headers.push((crate::verify::VOUCHER_HEADER, uid));
+        headers.push((crate::proto::VOUCHER_HEADER, uid));
     }
     let reply = ok(client
         .request(
@@ -142,7 +142,7 @@ pub(super) fn totp_bootstrap(
             crate::config::VerificationMode::Totp,
             store,
             hsm,
-            crate::clock::default_clock(),
+            crate::domain::clock::default_clock(),
         );
         let enrollment = verifier.offline_enroll_begin(uid).await?;
         show_enrollment(&enrollment.otpauth_uri);
@@ -197,7 +197,7 @@ struct Offline {
     store: crate::store::Store,
     hsm: crate::hsm::HsmWorker,
     thread: crate::hsm::HsmThread,
-    actor: crate::audit::Actor,
+    actor: crate::domain::audit::Actor,
 }
 
 impl Offline {
@@ -210,12 +210,12 @@ impl Offline {
             bail!("{what} must run as root");
         }
         let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
-        let actor = crate::audit::Actor::Peer {
+        let actor = crate::domain::audit::Actor::Peer {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             pid: Some(std::process::id() as i32),
         };
-        let pin = crate::daemon::read_pin(&config.hsm.pin_path()?)?;
+        let pin = crate::hsm::read_pin(&config.hsm.pin_path()?)?;
         // A state directory not made yet (no daemon has run) is made by Store::open as root.
         let owner = match std::fs::metadata(&dir) {
             Ok(meta) => Some((meta.uid(), meta.gid())),
@@ -229,9 +229,9 @@ impl Offline {
             setuid(Uid::from_raw(uid))?;
         }
         // Secrets pass through this process: no core dumps, no ptrace by others.
-        crate::keyring::harden_process();
+        crate::domain::secret::harden_process();
         let store = crate::store::Store::open(&dir)?;
-        let (hsm, thread) = crate::daemon::open_hsm_with(config, pin)?;
+        let (hsm, thread) = crate::hsm::open_with(config, pin)?;
         crate::keyring::anchor::open(&store, &hsm)?;
         Ok(Offline {
             store,
@@ -244,12 +244,12 @@ impl Offline {
 
 fn totp_delete(
     store: &crate::store::Store,
-    actor: &crate::audit::Actor,
+    actor: &crate::domain::audit::Actor,
     uid: u32,
 ) -> anyhow::Result<ExitCode> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let entry = crate::audit::AuditEntry::new(now, actor, "totp-reset", None).outcome(
-        "ok",
+    let entry = crate::domain::audit::AuditEntry::new(now, actor, "totp-reset", None).outcome(
+        crate::domain::audit::AuditOutcome::Ok,
         format!("offline reset of uid {uid}'s verification secret"),
     );
     if store.totp_delete(uid, &entry)? {

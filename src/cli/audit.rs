@@ -15,9 +15,13 @@ pub(super) fn verify(
 ) -> anyhow::Result<ExitCode> {
     if let (Some(dir), false) = (&state_dir, config_given) {
         let conn = crate::store::open_read_only(dir)?;
-        let mut read = crate::audit::reader(&conn);
+        let mut read = crate::store::reader(&conn);
         return Ok(
-            match crate::audit::walk(&mut read, crate::audit::Start::genesis(), None)? {
+            match crate::domain::audit::walk(
+                &mut read,
+                crate::domain::audit::Start::genesis(),
+                None,
+            )? {
                 Ok(w) => {
                     println!(
                         "OK: {} audit entries, chain intact (MACs and the HSM anchor not checked: give --config to check them)",
@@ -35,7 +39,7 @@ pub(super) fn verify(
     let config = Config::load(config_path)?;
     let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
     let conn = crate::store::open_read_only(&dir)?;
-    let (hsm, hsm_thread) = crate::daemon::open_hsm(&config)?;
+    let (hsm, hsm_thread) = crate::hsm::open(&config)?;
     let verdict = crate::keyring::anchor::verify(&conn, &hsm);
     // Let the worker log out and finalize the module before the process exits.
     drop(hsm);

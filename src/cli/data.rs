@@ -8,7 +8,7 @@ use hyper::{Method, StatusCode};
 use serde_json::json;
 
 use super::{key_path, ok, text};
-use crate::client::Client;
+use crate::cli::client::Client;
 
 pub(super) async fn encrypt(
     client: &Client,

@@ -13,14 +13,16 @@ use zeroize::Zeroizing;
 
 mod admin;
 mod audit;
+pub mod client;
 mod data;
+pub mod rewrap;
 mod table;
 
 use admin::{admin, totp_bootstrap, totp_enroll, totp_reset};
 use data::{decrypt, encrypt, secrets};
 use table::{print_key, print_key_list, text};
 
-use crate::client::{Client, Reply};
+use crate::cli::client::{Client, Reply};
 use crate::config::{self, Config};
 
 #[derive(Parser)]
@@ -307,7 +309,7 @@ fn socket_path(flag: Option<&Path>, config_path: &Path) -> PathBuf {
 fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(path)?;
     let pin = cfg.hsm.pin_path()?;
-    crate::daemon::read_pin(&pin)?;
+    crate::hsm::read_pin(&pin)?;
     if !cfg.hsm.module.exists() {
         bail!("hsm.module {} does not exist", cfg.hsm.module.display());
     }
@@ -351,14 +353,14 @@ async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Resu
             output,
             batch_size,
         } => {
-            let opts = crate::rewrap::Options {
+            let opts = crate::cli::rewrap::Options {
                 env,
                 country,
                 input,
                 output,
                 batch_size,
             };
-            let summary = crate::rewrap::run(&client, opts).await?;
+            let summary = crate::cli::rewrap::run(&client, opts).await?;
             if as_json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {

@@ -4,9 +4,11 @@
 //! their calls block, so no PKCS#11 call runs on the async runtime: one dedicated thread
 //! owns the backend (and with it the logged-in session) and runs jobs sent to it.
 
+mod open;
 mod pkcs11;
 mod softhsm;
 
+pub use open::{open, open_with, read_pin};
 pub use pkcs11::Pkcs11Hsm;
 
 use std::sync::{mpsc, Arc, Mutex};
@@ -18,7 +20,8 @@ use zeroize::Zeroizing;
 /// Length of the GCM IV used to wrap data keys (the daemon supplies it: SoftHSM cannot).
 pub const WRAP_IV_LEN: usize = 12;
 
-pub use crate::audit::MAC_LEN;
+pub use crate::domain::audit::MAC_LEN;
+use crate::domain::error::Error;
 
 /// Number of anchor slots: writes alternate between them, so a write cut short by a kill
 /// spoils at most one, and the other still holds the anchor before it.
@@ -363,6 +366,21 @@ fn try_reconnect(
             tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "HSM reconnect failed");
             lock(status).unavailable = Some(e.to_string());
             Some((Instant::now() + backoff, (backoff * 2).min(RECONNECT_MAX)))
+        }
+    }
+}
+
+/// What an HSM failure means to the caller: retry (unavailable), page someone (integrity).
+impl From<HsmError> for Error {
+    fn from(e: HsmError) -> Self {
+        match e {
+            HsmError::Unavailable(_) | HsmError::Setup(_) => {
+                Error::unavailable("hsm_unavailable", e)
+            }
+            HsmError::RootKeyMissing(_) => Error::unavailable("root_key_missing", e),
+            HsmError::DuplicateRootKey(..) => Error::conflict("duplicate_root_key", e),
+            HsmError::Integrity => Error::integrity(e),
+            HsmError::Rejected(_) => Error::internal(e),
         }
     }
 }

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
-use crate::audit::anchor::{self as anchor_fmt, compare, Anchor, Standing, StateHead};
-use crate::audit::{self, entry_mac_input, same_mac, Macs, Start};
-use crate::error::{Error, Result};
+use crate::domain::audit::anchor::{self as anchor_fmt, compare, Anchor, Standing, StateHead};
+use crate::domain::audit::{self, entry_mac_input, same_mac, Macs, Start};
+use crate::domain::error::{Error, Result};
 use crate::hsm::{HsmError, HsmWorker, ANCHOR_SLOTS, MAC_LEN};
 use crate::store::{AuditSeal, Store};
 
@@ -238,7 +238,7 @@ pub fn verify(conn: &Connection, hsm: &HsmWorker) -> Result<Verdict> {
     let stored = hsm.call_blocking(|h| h.read_anchors())?;
     let has_macs = crate::store::audit_has_macs(conn)?;
     let head = crate::store::read_head(conn)?;
-    let mut read = audit::reader(conn);
+    let mut read = crate::store::reader(conn);
     if stored.is_empty() && !has_macs {
         return Ok(match audit::walk(&mut read, Start::genesis(), None)? {
             Ok(w) => Verdict::Intact(format!(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use super::ledger::EncryptionLedger;
-use super::KeyId;
+use crate::domain::KeyId;
 
 /// What happened to records under one version.
 #[derive(Default)]
@@ -21,7 +21,7 @@ pub struct VersionCounters {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Count {
+pub enum RecordEvent {
     /// Encrypted under this version.
     Encrypted,
     /// Decrypted with this version.
@@ -55,16 +55,16 @@ impl RecordCounters {
         map.entry((id.clone(), version)).or_default().clone()
     }
 
-    pub fn add(&self, id: &KeyId, version: u32, what: Count, n: u64) {
+    pub fn add(&self, id: &KeyId, version: u32, what: RecordEvent, n: u64) {
         if n == 0 {
             return;
         }
         let c = self.entry(id, version);
         let field = match what {
-            Count::Encrypted => &c.encrypted,
-            Count::Decrypted => &c.decrypted,
-            Count::Rewrapped => &c.rewrapped,
-            Count::RewrappedAway => &c.rewrapped_away,
+            RecordEvent::Encrypted => &c.encrypted,
+            RecordEvent::Decrypted => &c.decrypted,
+            RecordEvent::Rewrapped => &c.rewrapped,
+            RecordEvent::RewrappedAway => &c.rewrapped_away,
         };
         field.fetch_add(n, Ordering::Relaxed);
     }
@@ -96,10 +96,10 @@ mod tests {
     fn counts_per_version() {
         let c = RecordCounters::default();
         let id = KeyId::parse("p", "DE").unwrap();
-        c.add(&id, 1, Count::Encrypted, 3);
-        c.add(&id, 1, Count::Encrypted, 2);
-        c.add(&id, 2, Count::Rewrapped, 7);
-        c.add(&id, 1, Count::RewrappedAway, 7);
+        c.add(&id, 1, RecordEvent::Encrypted, 3);
+        c.add(&id, 1, RecordEvent::Encrypted, 2);
+        c.add(&id, 2, RecordEvent::Rewrapped, 7);
+        c.add(&id, 1, RecordEvent::RewrappedAway, 7);
         assert_eq!(c.get(&id, 1).records_encrypted, 5);
         assert_eq!(c.get(&id, 1).records_rewrapped_away, 7);
         assert_eq!(c.get(&id, 2).records_rewrapped, 7);

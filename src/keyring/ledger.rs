@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use super::KeyId;
-use crate::error::Result;
+use crate::domain::error::Result;
+use crate::domain::KeyId;
 use crate::store::Store;
 
 /// Most records encrypted under one version: half the 2^32 random-IV bound of AES-GCM.
@@ -131,7 +131,7 @@ impl EncryptionLedger {
         let known = self.entries().get(&key).and_then(|e| e.durable);
         if known.is_none() {
             let (s, k) = (store.clone(), key.clone());
-            let stored = blocking(move || s.stored(&k.0, k.1)).await?;
+            let stored = off_runtime(move || s.stored(&k.0, k.1)).await?;
             let mut map = self.entries();
             let e = map.entry(key.clone()).or_default();
             e.used = e.used.max(stored);
@@ -153,7 +153,7 @@ impl EncryptionLedger {
             )
         };
         let (s, k) = (store.clone(), key.clone());
-        let written = blocking(move || s.reserve(&k.0, k.1, target)).await;
+        let written = off_runtime(move || s.reserve(&k.0, k.1, target)).await;
         let mut map = self.entries();
         let e = map.entry(key).or_default();
         match written {
@@ -211,7 +211,7 @@ impl EncryptionLedger {
             return Ok(());
         }
         let exact = counts.clone();
-        blocking(move || store.store_exact(&exact)).await?;
+        off_runtime(move || store.store_exact(&exact)).await?;
         let mut map = self.entries();
         for (id, v, n) in counts {
             if let Some(e) = map.get_mut(&(id, v)) {
@@ -223,10 +223,12 @@ impl EncryptionLedger {
 }
 
 /// Runs a state operation off the runtime (SQLite fsyncs).
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| crate::error::Error::internal(format!("state writer: {e}")))?
+        .map_err(|e| crate::domain::error::Error::internal(format!("state writer: {e}")))?
 }
 
 #[cfg(test)]
@@ -254,7 +256,7 @@ mod tests {
         }
         fn write(&self) -> Result<()> {
             if self.fail.load(Ordering::SeqCst) {
-                return Err(crate::error::Error::unavailable(
+                return Err(crate::domain::error::Error::unavailable(
                     "state_unavailable",
                     "disk full",
                 ));
@@ -377,8 +379,9 @@ mod tests {
 
     #[tokio::test]
     async fn counts_in_the_real_state() {
-        use crate::audit::{Actor, AuditEntry};
-        use crate::store::{Origin, StoredVersion, VersionType};
+        use crate::domain::audit::{Actor, AuditEntry};
+        use crate::domain::{Initiator, VersionType};
+        use crate::store::StoredVersion;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         store.set_audit_seal(Arc::new(crate::store::TestSeal));
@@ -387,7 +390,7 @@ mod tests {
             version: 1,
             kind: VersionType::Managed,
             created: 0,
-            origin: Origin::Admin,
+            origin: Initiator::Admin,
             iv: [0; 12],
             wrapped: vec![1; 48],
             aws: None,

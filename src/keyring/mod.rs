@@ -5,59 +5,29 @@
 pub mod anchor;
 mod aws;
 mod counters;
-mod id;
 mod ledger;
-mod secret;
-mod state;
 
-pub use aws::{AwsHealth, AwsProblem, RevalidateSettings};
-pub use counters::{Count, CounterValues, RecordCounters};
-
-pub use id::KeyId;
-pub use secret::{clear_stack, clear_stack_deep, harden_process, DataKey, DATA_KEY_LEN};
-pub use state::{KeyState, Material, Snapshot, VersionState};
+pub use aws::{AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
+pub use counters::{CounterValues, RecordCounters, RecordEvent};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::audit::{Actor, AuditEntry};
-use crate::clock::{rfc3339, seconds_to_utc_midnight, SharedClock};
-use crate::error::{Error, Result};
-use crate::hsm::{HsmError, HsmWorker, WRAP_IV_LEN};
+use crate::domain::audit::AuditOutcome;
+use crate::domain::audit::{Actor, AuditEntry};
+use crate::domain::clock::{rfc3339, SharedClock};
+use crate::domain::error::{Error, Result};
+use crate::domain::limits::VersionLimits;
+use crate::domain::secret::clear_stack;
+use crate::domain::{
+    Availability, DataKey, Initiator, KeyId, KeyState, Snapshot, VersionState, VersionType,
+};
+use crate::hsm::{HsmError, HsmStatus, HsmWorker, WRAP_IV_LEN};
 use crate::kms::{AwsKeyRef, KmsDecrypt};
-use crate::store::{Origin, Store, StoredAws, StoredKey, StoredVersion, VersionType};
-
-pub const ROTATION_PERIODS_DAYS: [u32; 4] = [30, 60, 180, 360];
-
-/// Checks a rotation period against the allowed values.
-pub fn check_period(days: u32) -> Result<u32> {
-    if ROTATION_PERIODS_DAYS.contains(&days) {
-        Ok(days)
-    } else {
-        Err(Error::bad_input(
-            "invalid_rotation_period",
-            format!("rotation_period_days must be one of 30, 60, 180 or 360 (got {days})"),
-        ))
-    }
-}
-
-impl From<HsmError> for Error {
-    fn from(e: HsmError) -> Self {
-        match e {
-            HsmError::Unavailable(_) | HsmError::Setup(_) => {
-                Error::unavailable("hsm_unavailable", e)
-            }
-            HsmError::RootKeyMissing(_) => Error::unavailable("root_key_missing", e),
-            HsmError::DuplicateRootKey(..) => Error::conflict("duplicate_root_key", e),
-            HsmError::Integrity => Error::integrity(e),
-            HsmError::Rejected(_) => Error::internal(e),
-        }
-    }
-}
+use crate::store::{Store, StoredAws, StoredKey, StoredVersion};
 
 /// Where a new version's data key comes from.
 pub enum KeySource {
@@ -82,7 +52,7 @@ pub struct NewVersion {
     pub source: KeySource,
     /// The key's rotation period from now on; `None` keeps the current one.
     pub rotation_period_days: Option<u32>,
-    pub origin: Origin,
+    pub origin: Initiator,
     /// New versions per key per UTC day allowed to admin requests.
     pub versions_per_day: u32,
     /// Customer-supplied versions per key over its life.
@@ -99,7 +69,7 @@ pub struct NewVersion {
 
 /// What an admin change made.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Made {
+pub struct AddedVersion {
     pub environment: String,
     pub country: String,
     pub version: u32,
@@ -180,12 +150,34 @@ impl Keyring {
         self.changes.subscribe()
     }
 
-    pub fn hsm(&self) -> &HsmWorker {
-        &self.hsm
+    /// Now, in Unix seconds, by the keyring's clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now().unix_timestamp()
     }
 
-    pub fn clock(&self) -> &SharedClock {
-        &self.clock
+    /// Moves the test clock forward; false where time cannot be moved.
+    pub fn advance_clock(&self, seconds: i64) -> bool {
+        self.clock.advance(seconds)
+    }
+
+    /// Proves the HSM session against the token; a failure makes the worker reconnect.
+    pub async fn hsm_ping(&self) -> std::result::Result<(), HsmError> {
+        self.hsm.call(|h| h.ping()).await
+    }
+
+    /// Whether the HSM worker holds a working session, and how often it reconnected.
+    pub fn hsm_status(&self) -> HsmStatus {
+        self.hsm.status()
+    }
+
+    /// Whether the HSM worker thread answers at all (the watchdog's question).
+    pub async fn hsm_alive(&self) -> bool {
+        self.hsm.alive().await
+    }
+
+    /// Counts failed HSM calls (for metrics).
+    pub fn hsm_error_counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.hsm.error_counter()
     }
 
     /// Per-version record counters (outside the snapshot: counting never republishes).
@@ -194,12 +186,12 @@ impl Keyring {
     }
 
     /// Creates a key (version 1) or adds a version to an existing one.
-    pub async fn add_version(&self, id: &KeyId, req: NewVersion) -> Result<Made> {
+    pub async fn add_version(&self, id: &KeyId, req: NewVersion) -> Result<AddedVersion> {
         // A customer-supplied key is decrypted with KMS before the writer lock is taken, so
         // that a slow KMS never holds up other changes; the limits are checked before (to
         // spare KMS a call that would be refused) and again under the lock.
         let kind = req.source.kind();
-        let limits = Limits {
+        let limits = VersionLimits {
             aws: kind == VersionType::Aws,
             origin: req.origin,
             versions_per_day: req.versions_per_day,
@@ -279,11 +271,11 @@ impl Keyring {
             wrapped,
             aws: stored_aws,
         };
-        let material = Material::Ready(Arc::new(key));
+        let material = Availability::Ready(Arc::new(key));
         let audit = AuditEntry::new(now.unix_timestamp(), &req.actor, req.action, Some(id))
             .version(version)
-            .outcome("ok", format!("new {} version", kind.as_str()));
-        self.blocking(
+            .outcome(AuditOutcome::Ok, format!("new {} version", kind.as_str()));
+        self.state_op(
             move |store, id| store.add_version(id, period, &stored, &audit),
             id,
         )
@@ -299,7 +291,7 @@ impl Keyring {
             kind,
             created: now.unix_timestamp(),
             origin: req.origin,
-            material,
+            availability: material,
             aws: aws_ref,
         };
         let key = match existing {
@@ -307,7 +299,7 @@ impl Keyring {
             None => KeyState::new(id.clone(), period, now.unix_timestamp(), new_version),
         };
         self.publish(key);
-        Ok(Made {
+        Ok(AddedVersion {
             environment: id.env.clone(),
             country: id.country.clone(),
             version,
@@ -327,8 +319,8 @@ impl Keyring {
             "settings",
             Some(id),
         )
-        .outcome("ok", format!("rotation_period_days = {days}"));
-        self.blocking(
+        .outcome(AuditOutcome::Ok, format!("rotation_period_days = {days}"));
+        self.state_op(
             move |store, id| store.set_rotation_period(id, Some(days), &audit),
             id,
         )
@@ -365,12 +357,31 @@ impl Keyring {
         self.store.unavailable()
     }
 
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    /// Audit entries after `since`, oldest first, at most `limit`.
+    pub fn audit_since(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::domain::audit::AuditRecord>> {
+        self.store.audit_since(since, limit)
+    }
+
+    /// Takes up to `wanted` encryptions under `version` from its durable count; returns how
+    /// many are left to take (see `ledger`).
+    pub async fn reserve_encryptions(&self, id: &KeyId, version: u32, wanted: u64) -> Result<u64> {
+        self.records
+            .encryptions()
+            .reserve(self.store.clone(), id, version, wanted)
+            .await
+    }
+
+    /// Stores the exact encryption counts in place of the reserved ones (at shutdown).
+    pub async fn flush_encryptions(&self) -> Result<()> {
+        self.records.encryptions().flush(self.store.clone()).await
     }
 
     /// Runs a state operation off the runtime (SQLite fsyncs).
-    async fn blocking<T, F>(&self, f: F, id: &KeyId) -> Result<T>
+    async fn state_op<T, F>(&self, f: F, id: &KeyId) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Store, &KeyId) -> Result<T> + Send + 'static,
@@ -458,61 +469,6 @@ impl Keyring {
     }
 }
 
-/// The limits a new version must pass on an existing key.
-struct Limits {
-    aws: bool,
-    origin: Origin,
-    versions_per_day: u32,
-    customer_supplied_versions: u32,
-}
-
-impl Limits {
-    fn check(&self, key: &KeyState, now: OffsetDateTime) -> Result<()> {
-        if let Some(problem) = &key.problem {
-            return Err(Error::unavailable("root_key_missing", problem));
-        }
-        if self.aws {
-            let limit = self.customer_supplied_versions;
-            let used = key.customer_supplied_versions();
-            if used as u64 >= limit as u64 {
-                return Err(Error::conflict(
-                    "customer_supplied_limit",
-                    format!(
-                        "{}: the limit of {limit} customer-supplied (aws) versions per key is reached ({used} registered over the key's life); this limit does not reset",
-                        key.id
-                    ),
-                ));
-            }
-        }
-        if self.origin == Origin::Admin {
-            check_daily_limit(key, now, self.versions_per_day)?;
-        }
-        Ok(())
-    }
-}
-
-fn check_daily_limit(key: &KeyState, now: OffsetDateTime, per_day: u32) -> Result<()> {
-    let day_start = now.unix_timestamp() - now.unix_timestamp().rem_euclid(86_400);
-    let today = key
-        .versions
-        .iter()
-        .filter(|v| v.origin == Origin::Admin && v.created >= day_start)
-        .count();
-    if today as u64 >= per_day as u64 {
-        let retry_after = seconds_to_utc_midnight(now);
-        return Err(Error::RateLimited {
-            code: "daily_limit",
-            message: format!(
-                "{}: the limit of {per_day} new version(s) per key per UTC day is reached; it resets at {} (in {retry_after} s)",
-                key.id,
-                rfc3339(day_start + 86_400)
-            ),
-            retry_after,
-        });
-    }
-    Ok(())
-}
-
 /// Unwraps every version of a stored key in one HSM job.
 async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
     let label = key.id.root_label();
@@ -564,7 +520,7 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
             kind: v.kind,
             created: v.created,
             origin: v.origin,
-            material,
+            availability: material,
             aws,
         });
     }
@@ -572,7 +528,7 @@ async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
         id: key.id,
         rotation_period_days: key.rotation_period_days,
         created: key.created,
-        problem,
+        unavailable_reason: problem,
         versions,
     })
 }
@@ -584,21 +540,21 @@ fn managed_material(
     version: u32,
     problem: &Option<String>,
     opened: Option<std::result::Result<Zeroizing<Vec<u8>>, HsmError>>,
-) -> Result<Material> {
+) -> Result<Availability> {
     Ok(match (problem, opened) {
-        (Some(p), _) => Material::Unavailable(p.clone()),
+        (Some(p), _) => Availability::Unavailable(p.clone()),
         (None, Some(Ok(bytes))) => match DataKey::new(&bytes) {
-            Some(k) => Material::Ready(Arc::new(k)),
-            None => Material::Unavailable(format!(
+            Some(k) => Availability::Ready(Arc::new(k)),
+            None => Availability::Unavailable(format!(
                 "integrity check failed for {id} version {version}: wrong key length"
             )),
         },
         (None, Some(Err(HsmError::Integrity))) => {
             let msg = format!("integrity check failed for {id} version {version}");
             tracing::error!(env = %id.env, country = %id.country, version, "{msg}: the stored wrapped key was altered or moved");
-            Material::Unavailable(msg)
+            Availability::Unavailable(msg)
         }
         (None, Some(Err(e))) => return Err(e.into()),
-        (None, None) => Material::Unavailable("not unwrapped".into()),
+        (None, None) => Availability::Unavailable("not unwrapped".into()),
     })
 }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::Store;
-use crate::audit::anchor::StateHead;
-use crate::audit::{self, AuditEntry, AuditRecord};
-use crate::error::{Error, Result};
+use crate::domain::audit::anchor::StateHead;
+use crate::domain::audit::AuditOutcome;
+use crate::domain::audit::{self, AuditEntry, AuditRecord};
+use crate::domain::error::{Error, Result};
 
 /// How audit entries are sealed: installed by the keyring, which holds the HSM (the store
 /// does not know it).
@@ -93,7 +94,7 @@ impl Store {
                 record.entry.environment,
                 record.entry.country,
                 record.entry.version,
-                record.entry.outcome,
+                record.entry.outcome.as_str(),
                 record.entry.detail,
                 record.prev_hash,
                 record.hash,
@@ -125,7 +126,16 @@ pub fn read_audit(conn: &Connection, since: i64, limit: usize) -> Result<Vec<Aud
                     environment: r.get(7)?,
                     country: r.get(8)?,
                     version: r.get(9)?,
-                    outcome: r.get(10)?,
+                    outcome: {
+                        let text: String = r.get(10)?;
+                        AuditOutcome::parse(&text).ok_or_else(|| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                10,
+                                rusqlite::types::Type::Text,
+                                format!("unknown audit outcome `{text}`").into(),
+                            )
+                        })?
+                    },
                     detail: r.get(11)?,
                 },
                 prev_hash: r.get(12)?,
@@ -185,7 +195,12 @@ pub struct TestSeal;
 #[cfg(test)]
 impl AuditSeal for TestSeal {
     fn mac(&self, _: &str) -> Result<String> {
-        Ok("00".repeat(crate::audit::MAC_LEN))
+        Ok("00".repeat(crate::domain::audit::MAC_LEN))
     }
     fn appended(&self, _: &Store) {}
+}
+
+/// Entries of a read-only connection, for `audit::walk`.
+pub fn reader(conn: &Connection) -> impl FnMut(i64, usize) -> Result<Vec<AuditRecord>> + '_ {
+    move |since, limit| read_audit(conn, since, limit)
 }

@@ -3,57 +3,10 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::Store;
-use crate::audit::AuditEntry;
-use crate::error::{Error, Result};
+use crate::domain::audit::AuditEntry;
+use crate::domain::error::{Error, Result};
+use crate::domain::{Initiator, KeyId, VersionType};
 use crate::hsm::WRAP_IV_LEN;
-use crate::keyring::KeyId;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VersionType {
-    Managed,
-    Aws,
-}
-
-impl VersionType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VersionType::Managed => "incountry-managed",
-            VersionType::Aws => "aws",
-        }
-    }
-    fn parse(s: &str) -> Result<Self> {
-        match s {
-            "incountry-managed" => Ok(VersionType::Managed),
-            "aws" => Ok(VersionType::Aws),
-            other => Err(Error::integrity(format!(
-                "unknown version type `{other}` in state"
-            ))),
-        }
-    }
-}
-
-/// Who made a version: an admin request (counts against the daily limit) or the timer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    Admin,
-    Timer,
-}
-
-impl Origin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Admin => "admin",
-            Origin::Timer => "timer",
-        }
-    }
-    fn parse(s: &str) -> Self {
-        if s == "timer" {
-            Origin::Timer
-        } else {
-            Origin::Admin
-        }
-    }
-}
 
 /// A version as stored: wrapped, never the data key itself. No Debug: the blob stays out
 /// of logs. Managed versions: `wrapped` is the data key sealed by the HSM root key. Aws
@@ -63,7 +16,7 @@ pub struct StoredVersion {
     pub version: u32,
     pub kind: VersionType,
     pub created: i64,
-    pub origin: Origin,
+    pub origin: Initiator,
     pub iv: [u8; WRAP_IV_LEN],
     pub wrapped: Vec<u8>,
     pub aws: Option<StoredAws>,
@@ -181,7 +134,7 @@ impl Store {
                         version,
                         kind,
                         created,
-                        origin: Origin::parse(&origin),
+                        origin: Initiator::parse(&origin),
                         iv: iv.as_slice().try_into().map_err(|_| {
                             Error::integrity(format!(
                                 "{id} version {version}: stored IV has the wrong length"

@@ -17,15 +17,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::error::{Error, Result};
+use crate::domain::error::{Error, Result};
 
 #[cfg(test)]
 pub use audit_log::TestSeal;
-pub use audit_log::{audit_has_macs, audit_hash_at, read_audit, read_head, AuditSeal};
+pub use audit_log::{audit_has_macs, audit_hash_at, read_audit, read_head, reader, AuditSeal};
 pub use files::{open_read_only, DB_FILE};
-pub use keys::{
-    Origin, SealedCheck, StoredAws, StoredAwsSeals, StoredKey, StoredVersion, VersionType,
-};
+pub use keys::{SealedCheck, StoredAws, StoredAwsSeals, StoredKey, StoredVersion};
 pub use totp::{StoredTotp, TotpLimits};
 
 use files::{check_state_dir, lock_state, private_files};

@@ -3,8 +3,8 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::Store;
-use crate::audit::AuditEntry;
-use crate::error::{Error, Result};
+use crate::domain::audit::AuditEntry;
+use crate::domain::error::{Error, Result};
 use crate::hsm::WRAP_IV_LEN;
 
 /// An admin's sealed TOTP secret. No Debug.

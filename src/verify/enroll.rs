@@ -5,9 +5,10 @@ use totp_rs::Secret;
 use zeroize::Zeroizing;
 
 use super::{aad, lock, totp, TotpVerifier, SYSTEM_ROOT};
-use crate::api::Peer;
-use crate::audit::{Actor, AuditEntry};
-use crate::error::{Error, Result};
+use crate::domain::audit::AuditOutcome;
+use crate::domain::audit::{Actor, AuditEntry};
+use crate::domain::error::{Error, Result};
+use crate::domain::Caller;
 use crate::hsm::WRAP_IV_LEN;
 use crate::store::StoredTotp;
 
@@ -98,7 +99,7 @@ fn about_voucher(e: Error, voucher: u32) -> Error {
 impl TotpVerifier {
     pub(super) async fn enroll_begin(
         &self,
-        peer: &Peer,
+        peer: &Caller,
         code: Option<&str>,
         voucher: Option<u32>,
     ) -> Result<Enrollment> {
@@ -129,7 +130,7 @@ impl TotpVerifier {
                 .await
                 .map_err(|e| about_voucher(e, voucher))?;
             let entry = AuditEntry::new(self.now(), &Actor::of(peer), "totp-vouch", None).outcome(
-                "ok",
+                AuditOutcome::Ok,
                 format!("uid {voucher}'s verification code vouched for the first enrollment of uid {uid}"),
             );
             self.state(move |s| s.audit(&entry)).await?;
@@ -159,7 +160,7 @@ impl TotpVerifier {
             expires_in_seconds: ENROLL_WINDOW,
         };
         // The encoders' frames held pieces of the secret.
-        crate::keyring::clear_stack();
+        crate::domain::secret::clear_stack();
         let now = self.now();
         let expires = now + ENROLL_WINDOW;
         let mut pending = lock(&self.pending);
@@ -237,7 +238,7 @@ impl TotpVerifier {
         let step = totp(&secret, uid)
             .map_err(other)?
             .check(code.trim(), now.max(0) as u64);
-        crate::keyring::clear_stack();
+        crate::domain::secret::clear_stack();
         let step = step.ok_or_else(|| {
             let e = Error::unauthorized(
                 "verification_failed",
@@ -275,7 +276,8 @@ impl TotpVerifier {
                 "verification secret of uid {uid} enrolled offline (bootstrap by root with the daemon stopped)"
             ),
         };
-        let audit = AuditEntry::new(now, actor, "totp-enroll", None).outcome("ok", detail);
+        let audit =
+            AuditEntry::new(now, actor, "totp-enroll", None).outcome(AuditOutcome::Ok, detail);
         self.state(move |s| s.totp_put(uid, &stored, now, &audit))
             .await
             .map_err(other)?;

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Value};
 
-use incountry_keyd::clock::Clock;
+use incountry_keyd::domain::clock::Clock;
 
 use crate::bodies::{is_json_refusal, read_body, Read};
 use crate::daemon::{fresh_env, open_daemon, Reply};

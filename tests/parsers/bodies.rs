@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::Value;
 
-use incountry_keyd::crypto;
+use incountry_keyd::domain::crypto;
 
 use crate::admin_bodies::{rotate_key, settings_key};
 use crate::daemon::{fresh_env, open_daemon, Reply};

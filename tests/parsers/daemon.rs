@@ -19,10 +19,10 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use incountry_keyd::api::App;
 use incountry_keyd::api::{self, Peer, Role};
-use incountry_keyd::clock::Clock;
 use incountry_keyd::config::Config;
-use incountry_keyd::daemon::App;
+use incountry_keyd::domain::clock::Clock;
 use incountry_keyd::hsm::{Hsm, HsmError, HsmWorker, MAC_LEN, WRAP_IV_LEN};
 use incountry_keyd::keyring::Keyring;
 use incountry_keyd::kms::{AwsKeyRef, DecryptFuture, KmsDecrypt};

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-use incountry_keyd::keyring::KeyId;
+use incountry_keyd::domain::KeyId;
 
 use crate::strategies::{config, is_bad_input};
 

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Value};
 
-use incountry_keyd::crypto;
+use incountry_keyd::domain::crypto;
 
 use crate::bodies::{read_body, Read};
 use crate::daemon::{open_daemon, Reply};

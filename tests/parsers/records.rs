@@ -6,8 +6,8 @@ use base64::Engine;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-use incountry_keyd::crypto::{self, Format, OVERHEAD, SALT_LEN};
-use incountry_keyd::error::Error;
+use incountry_keyd::domain::crypto::{self, Format, OVERHEAD, SALT_LEN};
+use incountry_keyd::domain::error::Error;
 
 use crate::strategies::{arb_record, config, is_bad_input};
 

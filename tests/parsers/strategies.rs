@@ -6,8 +6,8 @@ use base64::Engine;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use incountry_keyd::crypto::OVERHEAD;
-use incountry_keyd::error::Error;
+use incountry_keyd::domain::crypto::OVERHEAD;
+use incountry_keyd::domain::error::Error;
 
 /// `cases` cases, or `PROPTEST_CASES` when set (a longer hunt).
 pub fn config(cases: u32) -> ProptestConfig {

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 
-use incountry_keyd::clock::Clock;
+use incountry_keyd::domain::clock::Clock;
 
 use crate::daemon::{me, Daemon};
 use crate::strategies::config;
@@ -41,7 +41,7 @@ fn totp_daemon() -> &'static TotpDaemon {
             .block_on(d.app.verifier.offline_enroll_confirm(
                 peer.uid,
                 &code,
-                &incountry_keyd::audit::Actor::of(&peer),
+                &incountry_keyd::domain::audit::Actor::of(&peer.caller()),
             ))
             .unwrap();
         // The key the header tests change, made through the API with a fresh code.
@@ -220,7 +220,7 @@ proptest! {
         let _one_at_a_time = t.d.exclusive();
         let (window, code) = t.next_window(pick);
         let value = String::from_utf8_lossy(&make_code(&recipe, &code)).into_owned();
-        let result = t.d.runtime.block_on(t.d.app.verifier.check(&me(), Some(&value), "settings"));
+        let result = t.d.runtime.block_on(t.d.app.verifier.check(&me().caller(), Some(&value), "settings"));
         let trimmed = value.trim();
         let valid = trimmed.len() == 6 && trimmed.bytes().all(|b| b.is_ascii_digit()) && window.contains(trimmed);
         match result {

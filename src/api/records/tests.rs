@@ -59,7 +59,7 @@ fn budget_refuses_once_spent() {
         id,
         rotation_period_days: Some(30),
         created: 0,
-        problem: None,
+        unavailable_reason: None,
         versions: Vec::new(),
     };
     let mut b = Budget { left: 2, limit: 8 };

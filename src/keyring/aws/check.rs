@@ -5,10 +5,12 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::error::Result;
+use crate::domain::error::Result;
+use crate::domain::AwsKeyRef;
+use crate::domain::KeyId;
+use crate::domain::DATA_KEY_LEN;
 use crate::hsm::{HsmError, WRAP_IV_LEN};
-use crate::keyring::{KeyId, Keyring, DATA_KEY_LEN};
-use crate::kms::AwsKeyRef;
+use crate::keyring::Keyring;
 use crate::store::SealedCheck;
 
 /// Starts the sealed IAM secret of a version registered with a key check. The seal
@@ -154,7 +156,7 @@ impl Keyring {
         let aad = check_aad(id, version, aws);
         let kcv = key_check_value(key);
         // SHA-256's frames held the key.
-        crate::keyring::clear_stack();
+        crate::domain::secret::clear_stack();
         let sealed = self
             .hsm
             .call(move |h| {

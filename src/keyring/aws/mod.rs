@@ -35,9 +35,13 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use self::check::{Binding, CHECKED_MARK};
-use super::{DataKey, KeyId, Keyring, Material, DATA_KEY_LEN};
-use crate::clock::rfc3339;
-use crate::error::{Error, Result};
+use super::Keyring;
+use crate::domain::clock::rfc3339;
+use crate::domain::error::{Error, Result};
+use crate::domain::Availability;
+use crate::domain::DataKey;
+use crate::domain::KeyId;
+use crate::domain::DATA_KEY_LEN;
 use crate::hsm::HsmError;
 use crate::kms::{AwsKeyRef, KmsError};
 use crate::store::StoredAws;
@@ -96,21 +100,43 @@ pub struct RevalidateSettings {
 /// What health shows about aws versions.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AwsHealth {
-    /// "ok", "degraded" (a check failed) or "none" (no aws versions).
-    pub status: &'static str,
+    pub status: AwsStatus,
     pub versions: usize,
     pub problems: Vec<AwsProblem>,
+}
+
+/// The aws versions taken together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AwsStatus {
+    /// Every aws version passed its last check.
+    Ok,
+    /// A check failed (see `problems`).
+    Degraded,
+    /// No aws versions.
+    None,
+}
+
+/// What is wrong with one aws version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AwsState {
+    /// KMS refuses it: not served.
+    Revoked,
+    /// The data key or the stored KMS fields are not those registered: not served.
+    Mismatch,
+    /// KMS cannot be reached; the cached key still serves.
+    Unreachable,
+    /// No successful check within aws.max_stale, or none since the daemon started: not
+    /// served.
+    Stale,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AwsProblem {
     pub key: String,
     pub version: u32,
-    /// "revoked" (KMS refuses: not served), "mismatch" (the data key or the stored KMS
-    /// fields are not those registered: not served), "unreachable" (KMS cannot be reached;
-    /// the cached key still serves) or "stale" (no successful check within aws.max_stale, or
-    /// none since the daemon started: not served).
-    pub state: &'static str,
+    pub state: AwsState,
     /// The refusal's code (`aws_key_disabled`, `aws_key_mismatch`, ...), `kms_unavailable`
     /// or `aws_key_stale`.
     pub code: &'static str,
@@ -120,9 +146,6 @@ pub struct AwsProblem {
     pub failures: u32,
 }
 
-/// Why an aws version is not served between start and its first KMS check.
-const AWAITING_FIRST_CHECK: &str = "waiting for the first KMS check since start";
-
 /// One aws version read from state: its IAM secret opened by the HSM. The data key comes
 /// later, from KMS.
 pub(super) fn load_version(
@@ -131,9 +154,9 @@ pub(super) fn load_version(
     problem: &Option<String>,
     stored: StoredAws,
     opened: Option<std::result::Result<Zeroizing<Vec<u8>>, HsmError>>,
-) -> Result<(Material, Option<Arc<AwsKeyRef>>)> {
+) -> Result<(Availability, Option<Arc<AwsKeyRef>>)> {
     let secret = match (problem, opened) {
-        (Some(p), _) => return Ok((Material::Unavailable(p.clone()), None)),
+        (Some(p), _) => return Ok((Availability::Unavailable(p.clone()), None)),
         (None, Some(Ok(bytes))) => match String::from_utf8(bytes.to_vec()) {
             // The mark says a key check must exist; revalidation reads it again from the
             // seal, so here it is only taken off.
@@ -151,16 +174,16 @@ pub(super) fn load_version(
                 drop(Zeroizing::new(e.into_bytes()));
                 let msg = format!("integrity check failed for {id} version {version}: sealed IAM secret is not text");
                 tracing::error!(env = %id.env, country = %id.country, version, "{msg}");
-                return Ok((Material::Unavailable(msg), None));
+                return Ok((Availability::Unavailable(msg), None));
             }
         },
         (None, Some(Err(HsmError::Integrity))) => {
             let msg = format!("integrity check failed for {id} version {version}");
             tracing::error!(env = %id.env, country = %id.country, version, "{msg}: the sealed IAM secret was altered or moved");
-            return Ok((Material::Unavailable(msg), None));
+            return Ok((Availability::Unavailable(msg), None));
         }
         (None, Some(Err(e))) => return Err(e.into()),
-        (None, None) => return Ok((Material::Unavailable("not unwrapped".into()), None)),
+        (None, None) => return Ok((Availability::Unavailable("not unwrapped".into()), None)),
     };
     let aws = AwsKeyRef {
         region: stored.region,
@@ -169,10 +192,7 @@ pub(super) fn load_version(
         access_key_id: stored.access_key_id,
         secret_access_key: secret,
     };
-    Ok((
-        Material::Unavailable(AWAITING_FIRST_CHECK.into()),
-        Some(Arc::new(aws)),
-    ))
+    Ok((Availability::AwaitingFirstCheck, Some(Arc::new(aws))))
 }
 
 impl Keyring {
@@ -185,7 +205,7 @@ impl Keyring {
     ) -> Result<DataKey> {
         let plaintext = self.kms.decrypt(aws).await;
         // The SDK's answer parsing (the key in base64 and raw) ran in frames below this one.
-        super::clear_stack_deep();
+        crate::domain::secret::clear_stack_deep();
         let plaintext = plaintext.map_err(|e| match e {
             KmsError::Rejected { cause, .. } => Error::bad_input(
                 cause.code(),
@@ -250,19 +270,19 @@ impl Keyring {
         for ((id, n), c) in checks.map.iter() {
             let (state, code, error) = if let Some(r) = &c.rejected {
                 let state = if r.code == MISMATCH_CODE {
-                    "mismatch"
+                    AwsState::Mismatch
                 } else {
-                    "revoked"
+                    AwsState::Revoked
                 };
                 (state, r.code, r.why.clone())
             } else if c.stale {
                 (
-                    "stale",
+                    AwsState::Stale,
                     "aws_key_stale",
                     c.transient.clone().unwrap_or_default(),
                 )
             } else if let Some(e) = &c.transient {
-                ("unreachable", "kms_unavailable", e.clone())
+                (AwsState::Unreachable, "kms_unavailable", e.clone())
             } else {
                 continue;
             };
@@ -278,11 +298,11 @@ impl Keyring {
         }
         AwsHealth {
             status: if versions == 0 {
-                "none"
+                AwsStatus::None
             } else if problems.is_empty() {
-                "ok"
+                AwsStatus::Ok
             } else {
-                "degraded"
+                AwsStatus::Degraded
             },
             versions,
             problems,

@@ -8,10 +8,15 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::check::Binding;
-use super::{later, Check, Refusal, RevalidateSettings, AWAITING_FIRST_CHECK, MISMATCH_CODE};
-use crate::audit::Actor;
-use crate::clock::rfc3339;
-use crate::keyring::{DataKey, KeyId, Keyring, Material, DATA_KEY_LEN};
+use super::{later, Check, Refusal, RevalidateSettings, MISMATCH_CODE};
+use crate::domain::audit::Actor;
+use crate::domain::audit::AuditOutcome;
+use crate::domain::clock::rfc3339;
+use crate::domain::Availability;
+use crate::domain::DataKey;
+use crate::domain::KeyId;
+use crate::domain::DATA_KEY_LEN;
+use crate::keyring::Keyring;
 use crate::kms::{AwsKeyRef, KmsError};
 
 /// At most this many KMS calls at once during a revalidation pass.
@@ -37,10 +42,10 @@ pub(super) enum Found {
 /// One check's result for one version.
 type Answer = (KeyId, u32, Found);
 
-/// What one check decided for a version's material.
-pub(super) enum Outcome {
-    Keep,
-    Set(Material),
+/// What one check decided for a version's key.
+pub(super) enum Decision {
+    Unchanged,
+    Becomes(Availability),
 }
 
 impl Keyring {
@@ -83,7 +88,7 @@ impl Keyring {
                 }
             }
             results.extend(self.decrypt_all(to_kms).await);
-            let changes = self.judge(results, settings);
+            let changes = self.decide(results, settings);
             let changed = changes.len();
             if !changes.is_empty() {
                 self.publish_materials(changes).await;
@@ -121,7 +126,7 @@ impl Keyring {
                 };
                 // The SDK's parsing of the answer (the key in base64 and raw) and the key
                 // check ran in frames below this one.
-                crate::keyring::clear_stack_deep();
+                crate::domain::secret::clear_stack_deep();
                 (id, n, found)
             });
         }
@@ -136,11 +141,11 @@ impl Keyring {
     }
 
     /// Turns check results into new check state and material changes (logging transitions).
-    fn judge(
+    fn decide(
         &self,
         results: Vec<Answer>,
         settings: RevalidateSettings,
-    ) -> Vec<(KeyId, u32, Material)> {
+    ) -> Vec<(KeyId, u32, Availability)> {
         let now = self.clock.now().unix_timestamp();
         let snap = self.snapshot();
         let mut checks = self.checks();
@@ -158,7 +163,7 @@ impl Keyring {
                 due: Instant::now(),
             });
             let outcome = judge_one(&id, n, current.key(), check, result, now, settings);
-            if let Outcome::Set(m) = outcome {
+            if let Decision::Becomes(m) = outcome {
                 changes.push((id, n, m));
             }
         }
@@ -167,9 +172,9 @@ impl Keyring {
 
     /// Swaps in new material for some versions, under the writer lock (so no concurrent
     /// add_version publishes a key built from an older snapshot).
-    async fn publish_materials(&self, changes: Vec<(KeyId, u32, Material)>) {
+    async fn publish_materials(&self, changes: Vec<(KeyId, u32, Availability)>) {
         let _writer = self.writer.lock().await;
-        let mut by_key: BTreeMap<KeyId, Vec<(u32, Material)>> = BTreeMap::new();
+        let mut by_key: BTreeMap<KeyId, Vec<(u32, Availability)>> = BTreeMap::new();
         for (id, n, m) in changes {
             by_key.entry(id).or_default().push((n, m));
         }
@@ -181,24 +186,26 @@ impl Keyring {
             };
             for (n, new) in &changes {
                 let was_waiting = matches!(
-                    key.version(*n).map(|v| &v.material),
-                    Some(Material::Unavailable(why)) if why == AWAITING_FIRST_CHECK
+                    key.version(*n).map(|v| &v.availability),
+                    Some(Availability::AwaitingFirstCheck)
                 );
                 let entry = self
                     .audit_entry(&Actor::Timer, "kms-revalidate", Some(&id))
                     .version(*n);
                 match new {
-                    Material::Unavailable(why) => {
-                        audits.push(entry.outcome("failed", format!("version unavailable: {why}")))
-                    }
+                    Availability::Unavailable(why) => audits.push(
+                        entry.outcome(AuditOutcome::Failed, format!("version unavailable: {why}")),
+                    ),
+                    // Never decided by a check: only loading sets it.
+                    Availability::AwaitingFirstCheck => {}
                     // The first successful check after start is routine, not an event.
-                    Material::Ready(_) if !was_waiting => {
-                        audits.push(entry.outcome("ok", "version restored: KMS decrypts it again"))
-                    }
-                    Material::Ready(_) => {}
+                    Availability::Ready(_) if !was_waiting => audits.push(
+                        entry.outcome(AuditOutcome::Ok, "version restored: KMS decrypts it again"),
+                    ),
+                    Availability::Ready(_) => {}
                 }
             }
-            self.publish(key.with_materials(changes));
+            self.publish(key.with_availability(changes));
         }
         for entry in audits {
             self.audit(entry).await;
@@ -215,7 +222,7 @@ pub(super) fn judge_one(
     found: Found,
     now: i64,
     settings: RevalidateSettings,
-) -> Outcome {
+) -> Decision {
     let (env, country) = (&id.env, &id.country);
     match found {
         Found::Key(plaintext) if plaintext.len() == DATA_KEY_LEN => {
@@ -234,7 +241,7 @@ pub(super) fn judge_one(
             let was_revoked = check.rejected.take().is_some();
             let was_stale = std::mem::replace(&mut check.stale, false);
             if cached.is_some() {
-                return Outcome::Keep;
+                return Decision::Unchanged;
             }
             match DataKey::new(&plaintext) {
                 Some(k) => {
@@ -243,9 +250,11 @@ pub(super) fn judge_one(
                     } else {
                         tracing::info!(%env, %country, version = n, "customer-supplied key checked with KMS: serving");
                     }
-                    Outcome::Set(Material::Ready(Arc::new(k)))
+                    Decision::Becomes(Availability::Ready(Arc::new(k)))
                 }
-                None => Outcome::Set(Material::Unavailable("cannot allocate key memory".into())),
+                None => Decision::Becomes(Availability::Unavailable(
+                    "cannot allocate key memory".into(),
+                )),
             }
         }
         Found::Key(plaintext) => refuse(
@@ -270,7 +279,7 @@ pub(super) fn judge_one(
             check.due = later(Instant::now(), backoff(check.failures, settings.interval));
             if check.rejected.is_some() {
                 // Refused at the last answer: stays unavailable until KMS decrypts again.
-                return Outcome::Keep;
+                return Decision::Unchanged;
             }
             let last = check.last_success.map(rfc3339);
             let too_old = check
@@ -280,14 +289,14 @@ pub(super) fn judge_one(
                 tracing::warn!(%env, %country, version = n, failures = check.failures,
                     last_success = %last.unwrap_or_default(),
                     "KMS check failed, still serving the cached key: {msg}");
-                return Outcome::Keep;
+                return Decision::Unchanged;
             }
             check.stale = true;
             if cached.is_none() {
                 // Not served already (no check has succeeded since start, or already stale).
                 tracing::warn!(%env, %country, version = n, failures = check.failures,
                     "KMS check failed, version stays unavailable: {msg}");
-                return Outcome::Keep;
+                return Decision::Unchanged;
             }
             let why = format!(
                 "no successful KMS check since {} (longer than aws.max_stale = {}); last error: {msg}",
@@ -295,7 +304,7 @@ pub(super) fn judge_one(
                 humantime::format_duration(settings.max_stale)
             );
             tracing::error!(%env, %country, version = n, "customer-supplied key no longer served: {why}");
-            Outcome::Set(Material::Unavailable(why))
+            Decision::Becomes(Availability::Unavailable(why))
         }
     }
 }
@@ -310,7 +319,7 @@ fn refuse(
     code: &'static str,
     why: String,
     settings: RevalidateSettings,
-) -> Outcome {
+) -> Decision {
     check.failures = 0;
     check.transient = None;
     check.stale = false;
@@ -324,7 +333,7 @@ fn refuse(
         why: why.clone(),
     });
     if repeated && cached.is_none() {
-        return Outcome::Keep;
+        return Decision::Unchanged;
     }
     let (env, country) = (&id.env, &id.country);
     let msg = if code == MISMATCH_CODE {
@@ -336,5 +345,5 @@ fn refuse(
             "customer-supplied key is no longer served: KMS refuses to decrypt it: {why}");
         format!("revoked: {why}")
     };
-    Outcome::Set(Material::Unavailable(msg))
+    Decision::Becomes(Availability::Unavailable(msg))
 }

@@ -8,11 +8,13 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::check::{check_aad, decide_binding, key_check_value, mark_checked, Binding, KCV_LEN};
-use super::revalidate::{backoff, judge_one, Found, Outcome};
+use super::revalidate::{backoff, judge_one, Decision, Found};
 use super::{later, load_version, Check, RevalidateSettings, MISMATCH_CODE};
+use crate::domain::Availability;
+use crate::domain::AwsKeyRef;
+use crate::domain::DataKey;
+use crate::domain::KeyId;
 use crate::hsm::HsmError;
-use crate::keyring::{DataKey, KeyId, Material};
-use crate::kms::AwsKeyRef;
 use crate::store::StoredAws;
 
 #[test]
@@ -145,7 +147,7 @@ fn the_mark_is_taken_off_the_loaded_secret() {
     for sealed in [marked.as_bytes(), secret.as_bytes()] {
         let opened = Some(Ok(Zeroizing::new(sealed.to_vec())));
         let (material, aws) = load_version(&id, 1, &None, stored(), opened).unwrap();
-        assert!(matches!(material, Material::Unavailable(_)));
+        assert!(matches!(material, Availability::AwaitingFirstCheck));
         assert_eq!(aws.unwrap().secret_access_key.as_str(), secret.as_str());
     }
 }
@@ -172,7 +174,7 @@ fn a_mismatch_is_unavailable_with_its_code_once() {
     let mut c = check();
     let found = || Found::Mismatch("its key check was removed from the state".into());
     match judge_one(&id, 1, None, &mut c, found(), 0, SETTINGS) {
-        Outcome::Set(Material::Unavailable(why)) => {
+        Decision::Becomes(Availability::Unavailable(why)) => {
             assert!(
                 why.contains(MISMATCH_CODE) && why.contains("removed"),
                 "{why}"
@@ -184,14 +186,14 @@ fn a_mismatch_is_unavailable_with_its_code_once() {
     // Said once: the next check that finds the same changes nothing.
     assert!(matches!(
         judge_one(&id, 1, None, &mut c, found(), 0, SETTINGS),
-        Outcome::Keep
+        Decision::Unchanged
     ));
     // A served key that KMS now decrypts to another one: a mismatch too.
     let mut c = check();
     let cached = Arc::new(DataKey::new(&[1u8; 32]).unwrap());
     let other = Found::Key(Zeroizing::new(vec![2u8; 32]));
     match judge_one(&id, 1, Some(&cached), &mut c, other, 0, SETTINGS) {
-        Outcome::Set(Material::Unavailable(why)) => {
+        Decision::Becomes(Availability::Unavailable(why)) => {
             assert!(why.contains(MISMATCH_CODE), "{why}")
         }
         _ => panic!("another key must not be served"),

@@ -17,8 +17,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
-use crate::keyring::DATA_KEY_LEN;
+use crate::domain::error::{Error, Result};
+use crate::domain::DATA_KEY_LEN;
 
 pub const SALT_LEN: usize = 64;
 pub const IV_LEN: usize = 12;

@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::client::Client;
+use crate::cli::client::Client;
 
 /// Records whose request grows past this many bytes go in the next request (the daemon's
 /// default `server.max_body` is 1 MiB; a 413 splits the request anyway).

@@ -7,10 +7,12 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::{DataKey, KeyId, DATA_KEY_LEN};
-use crate::error::{Error, Result};
-use crate::kms::AwsKeyRef;
-use crate::store::{Origin, VersionType};
+use crate::domain::error::{Error, Result};
+use crate::domain::AwsKeyRef;
+use crate::domain::DataKey;
+use crate::domain::KeyId;
+use crate::domain::DATA_KEY_LEN;
+use crate::domain::{Initiator, VersionType};
 
 /// One published state of every key. Replaced whole, never changed in place.
 #[derive(Default)]
@@ -34,27 +36,58 @@ impl Snapshot {
     }
 }
 
-pub enum Material {
+/// Whether a version's key can be served.
+pub enum Availability {
     Ready(Arc<DataKey>),
     /// Why the version cannot be served (integrity failure, missing root key, revoked).
     Unavailable(String),
+    /// An aws version between start and its first KMS check: not served yet.
+    AwaitingFirstCheck,
+}
+
+/// A version's status as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionStatus {
+    /// The newest version: new records are encrypted under it.
+    Active,
+    /// An older version, kept to decrypt.
+    Deprecated,
+    /// Its key cannot be served (see the version's `error`).
+    Unavailable,
+}
+
+impl VersionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionStatus::Active => "active",
+            VersionStatus::Deprecated => "deprecated",
+            VersionStatus::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for VersionStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 pub struct VersionState {
     pub version: u32,
     pub kind: VersionType,
     pub created: i64,
-    pub origin: Origin,
-    pub material: Material,
+    pub origin: Initiator,
+    pub availability: Availability,
     /// For aws versions: what KMS needs to decrypt the data key again (revalidation).
     pub aws: Option<Arc<AwsKeyRef>>,
 }
 
 impl VersionState {
     pub fn key(&self) -> Option<&Arc<DataKey>> {
-        match &self.material {
-            Material::Ready(k) => Some(k),
-            Material::Unavailable(_) => None,
+        match &self.availability {
+            Availability::Ready(k) => Some(k),
+            Availability::Unavailable(_) | Availability::AwaitingFirstCheck => None,
         }
     }
 }
@@ -64,7 +97,7 @@ pub struct KeyState {
     pub rotation_period_days: Option<u32>,
     pub created: i64,
     /// Set when the whole key is unavailable (root key missing from the HSM).
-    pub problem: Option<String>,
+    pub unavailable_reason: Option<String>,
     /// Ascending by version; never empty.
     pub versions: Vec<VersionState>,
 }
@@ -75,7 +108,7 @@ impl KeyState {
             id,
             rotation_period_days: period,
             created,
-            problem: None,
+            unavailable_reason: None,
             versions: vec![first],
         }
     }
@@ -88,25 +121,25 @@ impl KeyState {
             id: self.id.clone(),
             rotation_period_days: period,
             created: self.created,
-            problem: self.problem.clone(),
+            unavailable_reason: self.unavailable_reason.clone(),
             versions,
         }
     }
 
     /// A copy where the versions in `changes` (version number, new material) get new
     /// material; everything else is shared.
-    pub fn with_materials(&self, changes: Vec<(u32, Material)>) -> KeyState {
+    pub fn with_availability(&self, changes: Vec<(u32, Availability)>) -> KeyState {
         let mut versions: Vec<VersionState> = self.versions.iter().map(share).collect();
         for (n, material) in changes {
             if let Some(v) = versions.iter_mut().find(|v| v.version == n) {
-                v.material = material;
+                v.availability = material;
             }
         }
         KeyState {
             id: self.id.clone(),
             rotation_period_days: self.rotation_period_days,
             created: self.created,
-            problem: self.problem.clone(),
+            unavailable_reason: self.unavailable_reason.clone(),
             versions,
         }
     }
@@ -134,7 +167,7 @@ impl KeyState {
             id: self.id.clone(),
             rotation_period_days: period,
             created: self.created,
-            problem: self.problem.clone(),
+            unavailable_reason: self.unavailable_reason.clone(),
             versions: self.versions.iter().map(share).collect(),
         }
     }
@@ -152,7 +185,7 @@ impl KeyState {
     /// rotation period. `None` while a customer-supplied version is active, without a
     /// period, or while the key is unavailable.
     pub fn next_rotation(&self) -> Option<i64> {
-        if self.problem.is_some() {
+        if self.unavailable_reason.is_some() {
             return None;
         }
         let active = self.active()?;
@@ -166,13 +199,13 @@ impl KeyState {
         self.versions.iter().find(|v| v.version == n)
     }
 
-    pub fn status(&self, v: &VersionState) -> &'static str {
+    pub fn status(&self, v: &VersionState) -> VersionStatus {
         if v.key().is_none() {
-            "unavailable"
+            VersionStatus::Unavailable
         } else if Some(v.version) == self.active().map(|a| a.version) {
-            "active"
+            VersionStatus::Active
         } else {
-            "deprecated"
+            VersionStatus::Deprecated
         }
     }
 
@@ -192,13 +225,13 @@ impl KeyState {
     /// owns it (`bytes::Bytes::from_owner`).
     pub fn secrets_document(&self) -> Result<Zeroizing<Vec<u8>>> {
         use std::io::Write;
-        if let Some(p) = &self.problem {
+        if let Some(p) = &self.unavailable_reason {
             return Err(Error::unavailable("root_key_missing", p));
         }
         let active = self
             .active()
             .ok_or_else(|| Error::internal("key without versions"))?;
-        if let Material::Unavailable(why) = &active.material {
+        if let Some(why) = active.availability.unavailable_reason() {
             return Err(Error::unavailable(
                 "active_version_unavailable",
                 format!(
@@ -248,17 +281,27 @@ fn share(v: &VersionState) -> VersionState {
         kind: v.kind,
         created: v.created,
         origin: v.origin,
-        material: v.material.share(),
+        availability: v.availability.share(),
         aws: v.aws.clone(),
     }
 }
 
-impl Material {
-    /// The same material (the key itself is shared, not copied).
-    pub fn share(&self) -> Material {
+impl Availability {
+    /// Why the key cannot be served; `None` when it can.
+    pub fn unavailable_reason(&self) -> Option<&str> {
         match self {
-            Material::Ready(k) => Material::Ready(k.clone()),
-            Material::Unavailable(s) => Material::Unavailable(s.clone()),
+            Availability::Ready(_) => None,
+            Availability::Unavailable(why) => Some(why),
+            Availability::AwaitingFirstCheck => Some("waiting for the first KMS check since start"),
+        }
+    }
+
+    /// The same material (the key itself is shared, not copied).
+    pub fn share(&self) -> Availability {
+        match self {
+            Availability::Ready(k) => Availability::Ready(k.clone()),
+            Availability::Unavailable(s) => Availability::Unavailable(s.clone()),
+            Availability::AwaitingFirstCheck => Availability::AwaitingFirstCheck,
         }
     }
 }
@@ -272,8 +315,8 @@ mod tests {
             version: n,
             kind: VersionType::Managed,
             created: 0,
-            origin: Origin::Admin,
-            material: Material::Ready(Arc::new(DataKey::new(&[byte; 32]).unwrap())),
+            origin: Initiator::Admin,
+            availability: Availability::Ready(Arc::new(DataKey::new(&[byte; 32]).unwrap())),
             aws: None,
         }
     }
@@ -294,7 +337,7 @@ mod tests {
             doc["secrets"][1]["secret"],
             base64::engine::general_purpose::STANDARD.encode([2u8; 32])
         );
-        assert_eq!(k.status(&k.versions[0]), "deprecated");
-        assert_eq!(k.status(&k.versions[1]), "active");
+        assert_eq!(k.status(&k.versions[0]), VersionStatus::Deprecated);
+        assert_eq!(k.status(&k.versions[1]), VersionStatus::Active);
     }
 }

@@ -220,9 +220,9 @@ mod tests {
             Standing::Ahead("audit entries 6..6; prod/DE versions 3..3; new key prod/NL".into())
         );
         // An empty log anchored: anything is level or ahead.
-        let a = Anchor::of(1, &head(0, crate::audit::GENESIS, &[]));
+        let a = Anchor::of(1, &head(0, crate::domain::audit::GENESIS, &[]));
         assert_eq!(
-            compare(&a, &head(0, crate::audit::GENESIS, &[]), None),
+            compare(&a, &head(0, crate::domain::audit::GENESIS, &[]), None),
             Standing::Level
         );
     }

@@ -1,4 +1,4 @@
-//! Live key material: unwrapped data keys in locked, zeroized memory. These types are never
+//! Live key availability: unwrapped data keys in locked, zeroized memory. These types are never
 //! Serialize and their Debug prints no bytes.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};

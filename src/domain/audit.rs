@@ -8,12 +8,11 @@ pub mod anchor;
 
 pub use anchor::MAC_LEN;
 
-use rusqlite::Connection;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::api::Peer;
-use crate::keyring::KeyId;
+use super::Caller;
+use crate::domain::KeyId;
 
 /// `prev_hash` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -30,12 +29,50 @@ pub enum Actor {
 }
 
 impl Actor {
-    pub fn of(peer: &Peer) -> Actor {
+    pub fn of(caller: &Caller) -> Actor {
         Actor::Peer {
-            uid: peer.uid,
-            gid: peer.gid,
-            pid: peer.pid,
+            uid: caller.uid,
+            gid: caller.gid,
+            pid: caller.pid,
         }
+    }
+}
+
+/// How an audited action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditOutcome {
+    Ok,
+    /// Refused: the caller was not allowed, or the input or a limit said no.
+    Refused,
+    /// Failed: a dependency (HSM, KMS, disk) or an integrity check failed.
+    Failed,
+}
+
+impl AuditOutcome {
+    /// As stored and hashed into the chain (so never to change).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOutcome::Ok => "ok",
+            AuditOutcome::Refused => "refused",
+            AuditOutcome::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AuditOutcome> {
+        [
+            AuditOutcome::Ok,
+            AuditOutcome::Refused,
+            AuditOutcome::Failed,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for AuditOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -50,8 +87,7 @@ pub struct AuditEntry {
     pub environment: Option<String>,
     pub country: Option<String>,
     pub version: Option<u32>,
-    /// "ok", "refused" or "failed".
-    pub outcome: String,
+    pub outcome: AuditOutcome,
     pub detail: String,
 }
 
@@ -71,7 +107,7 @@ impl AuditEntry {
             environment: key.map(|k| k.env.clone()),
             country: key.map(|k| k.country.clone()),
             version: None,
-            outcome: "ok".into(),
+            outcome: AuditOutcome::Ok,
             detail: String::new(),
         }
     }
@@ -81,8 +117,8 @@ impl AuditEntry {
         self
     }
 
-    pub fn outcome(mut self, outcome: &str, detail: impl Into<String>) -> Self {
-        self.outcome = outcome.to_string();
+    pub fn outcome(mut self, outcome: AuditOutcome, detail: impl Into<String>) -> Self {
+        self.outcome = outcome;
         self.detail = detail.into();
         self
     }
@@ -144,7 +180,7 @@ fn digest(seq: i64, e: &AuditEntry, prev_hash: &str) -> String {
         opt(e.environment.clone()),
         opt(e.country.clone()),
         opt(e.version.map(|v| v.to_string())),
-        e.outcome.clone(),
+        e.outcome.as_str().to_string(),
         e.detail.clone(),
         prev_hash.to_string(),
     ];
@@ -157,17 +193,10 @@ fn digest(seq: i64, e: &AuditEntry, prev_hash: &str) -> String {
 }
 
 /// Reads entries with `seq >` the first argument, oldest first, at most the second.
-pub type Reader<'a> = &'a mut dyn FnMut(i64, usize) -> crate::error::Result<Vec<AuditRecord>>;
-
-/// Entries of a read-only connection, for `walk`.
-pub fn reader(
-    conn: &Connection,
-) -> impl FnMut(i64, usize) -> crate::error::Result<Vec<AuditRecord>> + '_ {
-    move |since, limit| crate::store::read_audit(conn, since, limit)
-}
+pub type Reader<'a> = &'a mut dyn FnMut(i64, usize) -> super::error::Result<Vec<AuditRecord>>;
 
 /// The expected MACs (hex) of chain hashes, in order: the HSM's, for `walk`.
-pub type MacCheck<'a> = &'a mut dyn FnMut(&[String]) -> crate::error::Result<Vec<String>>;
+pub type MacCheck<'a> = &'a mut dyn FnMut(&[String]) -> super::error::Result<Vec<String>>;
 
 /// Where a walk of the chain starts.
 pub struct Start {
@@ -211,7 +240,7 @@ pub fn walk(
     read: Reader<'_>,
     from: Start,
     mut macs: Option<Macs<'_>>,
-) -> crate::error::Result<Result<Walked, (i64, String)>> {
+) -> super::error::Result<Result<Walked, (i64, String)>> {
     let mut expected_prev = from.prev;
     let mut expected_seq = from.seq;
     let mut since = from.seq - 1;
