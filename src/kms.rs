@@ -11,6 +11,7 @@
 //! No Debug on anything holding the IAM secret; error messages carry KMS's code and message,
 //! the CMK ARN and the region, never a secret, a ciphertext or a plaintext.
 
+use crate::domain::Code;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -42,17 +43,17 @@ pub enum Rejection {
 
 impl Rejection {
     /// The API error code for a refused registration.
-    pub fn code(self) -> &'static str {
+    pub fn code(self) -> Code {
         match self {
-            Rejection::Disabled => "aws_key_disabled",
-            Rejection::PendingDeletion => "aws_key_pending_deletion",
-            Rejection::InvalidState => "aws_key_invalid_state",
-            Rejection::AccessDenied => "aws_access_denied",
-            Rejection::IncorrectKey => "aws_incorrect_key",
-            Rejection::NotFound => "aws_key_not_found",
-            Rejection::InvalidCiphertext => "aws_invalid_ciphertext",
-            Rejection::Credentials => "aws_credentials_rejected",
-            Rejection::Other => "aws_rejected",
+            Rejection::Disabled => Code::AwsKeyDisabled,
+            Rejection::PendingDeletion => Code::AwsKeyPendingDeletion,
+            Rejection::InvalidState => Code::AwsKeyInvalidState,
+            Rejection::AccessDenied => Code::AwsAccessDenied,
+            Rejection::IncorrectKey => Code::AwsIncorrectKey,
+            Rejection::NotFound => Code::AwsKeyNotFound,
+            Rejection::InvalidCiphertext => Code::AwsInvalidCiphertext,
+            Rejection::Credentials => Code::AwsCredentialsRejected,
+            Rejection::Other => Code::AwsRejected,
         }
     }
 

@@ -4,6 +4,7 @@
 //! was down rotates once at start. It sleeps until the earliest due time (at most an hour,
 //! for wall-clock jumps and suspend) and wakes early on any key change or clock change.
 
+use crate::domain::Code;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -140,7 +141,7 @@ async fn pass(r: &Rotator<'_>) -> Duration {
             }
             // Someone else changed the key first: the next pass re-plans from the new state.
             Err(crate::domain::error::Error::Conflict {
-                code: "stale_rotation",
+                code: Code::StaleRotation,
                 ..
             }) => {}
             Err(e) => {

@@ -17,6 +17,7 @@ mod enroll;
 
 pub use enroll::Enrollment;
 
+use crate::domain::Code;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -84,7 +85,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn locked_error(uid: u32, until: i64, now: i64) -> Error {
     let left = (until - now).max(1);
     Error::RateLimited {
-        code: "verification_locked",
+        code: Code::VerificationLocked,
         message: format!(
             "too many wrong verification codes: admin changes by uid {uid} are locked for {left} more seconds"
         ),
@@ -94,14 +95,14 @@ fn locked_error(uid: u32, until: i64, now: i64) -> Error {
 
 fn required_error() -> Error {
     Error::unauthorized(
-        "verification_required",
+        Code::VerificationRequired,
         "this change needs a verification code (X-Verification-Code header, or --code)",
     )
 }
 
 fn verification_off() -> Error {
     Error::conflict(
-        "verification_off",
+        Code::VerificationOff,
         "verification.mode is \"off\"; nothing to enroll",
     )
 }
@@ -173,7 +174,7 @@ impl Verifier {
         let t = self.totp()?;
         if t.state(move |s| s.totp_get(uid)).await?.is_some() {
             return Err(Error::conflict(
-                "already_enrolled",
+                Code::AlreadyEnrolled,
                 format!("uid {uid} already has a verification secret: remove it first with `incountry-keyd admin totp-reset --uid {uid}`"),
             ));
         }
@@ -262,7 +263,7 @@ impl TotpVerifier {
         };
         let stored = self.state(move |s| s.totp_get(uid)).await?.ok_or_else(|| {
             Error::unauthorized(
-                "totp_not_enrolled",
+                Code::TotpNotEnrolled,
                 format!(
                     "uid {uid} has no verification secret: enroll it with `incountry-keyd admin totp-enroll --code-uid N --code CODE` (a code of an enrolled admin), or offline, as root with the daemon stopped, with `incountry-keyd admin totp-enroll --uid {uid}`"
                 ),
@@ -286,7 +287,7 @@ impl TotpVerifier {
             Ok(Some(step)) => step,
             Ok(None) => {
                 let e =
-                    Error::unauthorized("verification_failed", "the verification code is wrong");
+                    Error::unauthorized(Code::VerificationFailed, "the verification code is wrong");
                 return Err(self.failed(uid, now, e).await);
             }
         };
@@ -300,7 +301,7 @@ impl TotpVerifier {
             };
         if !fresh {
             let e = Error::unauthorized(
-                "verification_replayed",
+                Code::VerificationReplayed,
                 "this verification code was already used; wait for the next one",
             );
             return Err(self.failed(uid, now, e).await);

@@ -2,6 +2,7 @@
 //! log. Each change needs the admin role, then a verification code; its success is audited
 //! in the change's own transaction, every refusal or failure here.
 
+use crate::domain::Code;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
@@ -52,7 +53,7 @@ impl CreateBody {
 fn required(field: Option<String>, name: &str) -> Result<String> {
     field.ok_or_else(|| {
         Error::bad_input(
-            "missing_field",
+            Code::MissingField,
             format!("{name} is required for type aws (region, encrypted_key, cmk_arn, access_key_id, secret_access_key)"),
         )
     })
@@ -64,7 +65,7 @@ fn aws_source(body: CreateBody) -> Result<AwsKeyRef> {
     let secret = body.secret_access_key;
     if body.rotation_period_days.is_some() {
         return Err(Error::bad_input(
-            "invalid_rotation_period",
+            Code::InvalidRotationPeriod,
             "rotation_period_days does not apply to aws versions (the customer rotates their own key)",
         ));
     }
@@ -75,7 +76,7 @@ fn aws_source(body: CreateBody) -> Result<AwsKeyRef> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !region_ok {
         return Err(Error::bad_input(
-            "invalid_region",
+            Code::InvalidRegion,
             "region must be an AWS region name such as eu-central-1",
         ));
     }
@@ -89,13 +90,13 @@ fn aws_source(body: CreateBody) -> Result<AwsKeyRef> {
         && cmk_arn.bytes().all(|b| b.is_ascii_graphic());
     if !arn_ok {
         return Err(Error::bad_input(
-            "invalid_cmk_arn",
+            Code::InvalidCmkArn,
             "cmk_arn must be a KMS key ARN such as arn:aws:kms:eu-central-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
         ));
     }
     if parts[3] != region {
         return Err(Error::bad_input(
-            "invalid_cmk_arn",
+            Code::InvalidCmkArn,
             format!("cmk_arn is in region {} but region is {region}", parts[3]),
         ));
     }
@@ -106,7 +107,7 @@ fn aws_source(body: CreateBody) -> Result<AwsKeyRef> {
         .filter(|b| (1..=6144).contains(&b.len()))
         .ok_or_else(|| {
             Error::bad_input(
-                "invalid_encrypted_key",
+                Code::InvalidEncryptedKey,
                 "encrypted_key must be the KMS ciphertext blob in standard base64 (1 to 6144 bytes)",
             )
         })?;
@@ -115,13 +116,13 @@ fn aws_source(body: CreateBody) -> Result<AwsKeyRef> {
         && access_key_id.bytes().all(|b| b.is_ascii_alphanumeric());
     if !id_ok {
         return Err(Error::bad_input(
-            "invalid_access_key_id",
+            Code::InvalidAccessKeyId,
             "access_key_id must be an IAM access key id (16 to 128 letters and digits)",
         ));
     }
     let secret = secret.ok_or_else(|| {
         Error::bad_input(
-            "missing_field",
+            Code::MissingField,
             "secret_access_key is required for type aws",
         )
     })?;
@@ -129,7 +130,7 @@ fn aws_source(body: CreateBody) -> Result<AwsKeyRef> {
         (1..=256).contains(&secret.len()) && secret.bytes().all(|b| b.is_ascii_graphic());
     if !secret_ok {
         return Err(Error::bad_input(
-            "invalid_secret_access_key",
+            Code::InvalidSecretAccessKey,
             "secret_access_key must be 1 to 256 printable ASCII characters without spaces",
         ));
     }
@@ -199,7 +200,7 @@ pub async fn admin(
             }
             _ => AuditOutcome::Refused,
         };
-        if e.code() == "state_unavailable" {
+        if e.code() == Code::StateUnavailable {
             tracing::error!(
                 uid = peer.uid, pid = peer.pid, action = action.name(), env, country,
                 error = %e, "admin action {outcome}: the state disk does not take writes"
@@ -244,14 +245,14 @@ async fn create(
     id: KeyId,
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
-    let body: CreateBody = read_json(app, req)
-        .await?
-        .ok_or_else(|| Error::bad_input("missing_body", "a JSON body with \"type\" is required"))?;
+    let body: CreateBody = read_json(app, req).await?.ok_or_else(|| {
+        Error::bad_input(Code::MissingBody, "a JSON body with \"type\" is required")
+    })?;
     let (source, period) = match body.kind.as_str() {
         "incountry-managed" => {
             if body.has_aws_fields() {
                 return Err(Error::bad_input(
-                    "invalid_request",
+                    Code::InvalidRequest,
                     "region, encrypted_key, cmk_arn, access_key_id and secret_access_key apply only to type aws",
                 ));
             }
@@ -261,7 +262,7 @@ async fn create(
         "aws" => (KeySource::Aws(aws_source(body)?), None),
         other => {
             return Err(Error::bad_input(
-                "invalid_type",
+                Code::InvalidType,
                 format!("type `{other}` is not one of incountry-managed, aws"),
             ))
         }
@@ -324,7 +325,7 @@ async fn settings(
     let body: PeriodBody = read_json(app, req).await?.unwrap_or_default();
     let days = body.rotation_period_days.ok_or_else(|| {
         Error::bad_input(
-            "missing_rotation_period",
+            Code::MissingRotationPeriod,
             "rotation_period_days is required (30, 60, 180 or 360)",
         )
     })?;
@@ -361,7 +362,7 @@ pub async fn enroll(
         }
         if confirm {
             let body: ConfirmBody = read_json(app, req).await?.ok_or_else(|| {
-                Error::bad_input("missing_body", "{\"code\": \"123456\"} is required")
+                Error::bad_input(Code::MissingBody, "{\"code\": \"123456\"} is required")
             })?;
             app.verifier
                 .enroll_confirm(&peer.caller(), &body.code)
@@ -415,7 +416,7 @@ async fn voucher(app: &App, req: &Request<Incoming>) -> Result<Option<u32>> {
         .and_then(|v| v.parse::<u32>().ok())
         .ok_or_else(|| {
             Error::bad_input(
-                "invalid_verification_uid",
+                Code::InvalidVerificationUid,
                 "X-Verification-Uid must be the uid (a number) of the enrolled admin whose code X-Verification-Code carries",
             )
         })?;
@@ -424,7 +425,7 @@ async fn voucher(app: &App, req: &Request<Incoming>) -> Result<Option<u32>> {
         .unwrap_or_default();
     if !app.access.load().admins.admits(uid, &groups) {
         return Err(Error::unauthorized(
-            "verification_uid_not_admin",
+            Code::VerificationUidNotAdmin,
             format!("uid {uid} is not in access.admins: only an enrolled admin's code vouches for a first enrollment"),
         ));
     }
@@ -457,7 +458,7 @@ pub fn audit(app: &App, peer: &Peer, query: Option<&str>) -> Result<Response<Bod
     }
     let since = match query_param(query, "since") {
         Some(v) => v.parse::<i64>().ok().filter(|s| *s >= 0).ok_or_else(|| {
-            Error::bad_input("invalid_since", "since must be a sequence number >= 0")
+            Error::bad_input(Code::InvalidSince, "since must be a sequence number >= 0")
         })?,
         None => 0,
     };

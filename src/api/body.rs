@@ -1,5 +1,6 @@
 //! The JSON body reader: size limit, body deadline, objects only, serde errors as 400 codes.
 
+use crate::domain::Code;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
@@ -45,7 +46,7 @@ pub(super) async fn read_json<T: DeserializeOwned>(
                 if e.is::<http_body_util::LengthLimitError>() {
                     too_large()
                 } else {
-                    Error::bad_input("bad_body", "cannot read the request body")
+                    Error::bad_input(Code::BadBody, "cannot read the request body")
                 }
             })?
             .to_bytes(),
@@ -60,13 +61,13 @@ pub(super) async fn read_json<T: DeserializeOwned>(
                 || serde_json::from_slice::<serde::de::IgnoredAny>(&body.0).is_err() =>
         {
             return Err(Error::bad_input(
-                "malformed_json",
+                Code::MalformedJson,
                 "request body is not valid JSON",
             ))
         }
         Some(_) => {
             return Err(Error::bad_input(
-                "invalid_request",
+                Code::InvalidRequest,
                 "request body must be a JSON object",
             ))
         }
@@ -93,16 +94,16 @@ fn json_error(e: serde_json::Error) -> Error {
     use serde_json::error::Category;
     match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => Error::bad_input(
-            "malformed_json",
+            Code::MalformedJson,
             format!("request body is not valid JSON: {e}"),
         ),
         Category::Data if e.to_string().starts_with("unknown field") => {
-            Error::bad_input("unknown_field", e)
+            Error::bad_input(Code::UnknownField, e)
         }
         // A key twice in one object: serde's typed bodies and `records::RecordsBody`.
         Category::Data if e.to_string().starts_with("duplicate field") => {
-            Error::bad_input("duplicate_field", e)
+            Error::bad_input(Code::DuplicateField, e)
         }
-        Category::Data => Error::bad_input("invalid_request", e),
+        Category::Data => Error::bad_input(Code::InvalidRequest, e),
     }
 }

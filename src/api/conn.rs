@@ -136,7 +136,7 @@ impl Limiter {
 /// Done in the accept loop itself, so a refused connection holds no descriptor afterwards.
 pub fn refuse(stream: UnixStream, why: &Refusal) {
     let body = serde_json::json!({"error": {
-        "code": "too_many_connections",
+        "code": crate::domain::Code::TooManyConnections,
         "message": format!("connection refused: {why}; retry later"),
     }})
     .to_string();

@@ -6,6 +6,7 @@
 //! version's durable count first (`keyring::ledger::EncryptionLedger`); past its limit the
 //! item gets 409 `encryption_limit`.
 
+use crate::domain::Code;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -172,7 +173,7 @@ impl Budget {
     fn take(&mut self, key: &KeyState, version: u32) -> Result<()> {
         if self.left == 0 {
             return Err(Error::conflict(
-                "encryption_limit",
+                Code::EncryptionLimit,
                 format!(
                     "{} version {version} has encrypted {} records, the most one version may (AES-GCM with random IVs is safe for 2^32 per key); no more are encrypted under it: rotate the key to a new version (incountry-keyd keys rotate {} {}), then encrypt or rewrap again",
                     key.id, self.limit, key.id.env, key.id.country
@@ -193,11 +194,11 @@ pub async fn handle(
     let key = app.keyring.key(&id)?;
     let limit = max_plaintext(app.config.load().server.max_body);
     if let Some(p) = &key.unavailable_reason {
-        return Err(Error::unavailable("root_key_missing", p));
+        return Err(Error::unavailable(Code::RootKeyMissing, p));
     }
     let Some(RecordsBody(Value::Object(mut body))) = body else {
         return Err(Error::bad_input(
-            "invalid_request",
+            Code::InvalidRequest,
             format!(
                 "the body must be {} or {{\"batch\": [up to {MAX_BATCH} of them]}}",
                 op.shape()
@@ -207,7 +208,7 @@ pub async fn handle(
     if body.contains_key("batch") {
         if body.len() != 1 {
             return Err(Error::bad_input(
-                "unknown_field",
+                Code::UnknownField,
                 "a batch request has the single field \"batch\"",
             ));
         }
@@ -215,14 +216,14 @@ pub async fn handle(
             Some(Value::Array(items)) => items,
             _ => {
                 return Err(Error::bad_input(
-                    "invalid_request",
+                    Code::InvalidRequest,
                     format!("\"batch\" must be an array of {}", op.shape()),
                 ))
             }
         };
         if items.len() > MAX_BATCH {
             return Err(Error::bad_input(
-                "batch_too_large",
+                Code::BatchTooLarge,
                 format!(
                     "a batch holds at most {MAX_BATCH} items (got {}); split it",
                     items.len()
@@ -390,7 +391,7 @@ fn run_one(
 fn parse<T: serde::de::DeserializeOwned>(op: Op, item: Value) -> Result<T> {
     if !item.is_object() {
         return Err(Error::bad_input(
-            "invalid_request",
+            Code::InvalidRequest,
             format!("each item must be {}", op.shape()),
         ));
     }
@@ -399,11 +400,14 @@ fn parse<T: serde::de::DeserializeOwned>(op: Op, item: Value) -> Result<T> {
         // serde names unknown and missing fields; type errors may quote the value (a record),
         // so those get the shape instead.
         if msg.starts_with("unknown field") {
-            Error::bad_input("unknown_field", msg)
+            Error::bad_input(Code::UnknownField, msg)
         } else if msg.starts_with("missing field") {
-            Error::bad_input("invalid_request", format!("{msg}: expected {}", op.shape()))
+            Error::bad_input(
+                Code::InvalidRequest,
+                format!("{msg}: expected {}", op.shape()),
+            )
         } else {
-            Error::bad_input("invalid_request", format!("expected {}", op.shape()))
+            Error::bad_input(Code::InvalidRequest, format!("expected {}", op.shape()))
         }
     })
 }
@@ -415,7 +419,7 @@ fn active(key: &KeyState) -> Result<(u32, &Arc<DataKey>)> {
         .ok_or_else(|| Error::internal("key without versions"))?;
     let dk = v.key().ok_or_else(|| {
         Error::unavailable(
-            "active_version_unavailable",
+            Code::ActiveVersionUnavailable,
             format!(
                 "{} active version {} is unavailable; records cannot be encrypted",
                 key.id, v.version
@@ -432,19 +436,19 @@ fn open(key: &KeyState, item: &CipherItem) -> Result<(zeroize::Zeroizing<Vec<u8>
         Format::Sdk => {
             let n = item.version.ok_or_else(|| {
                 Error::bad_input(
-                    "missing_version",
+                    Code::MissingVersion,
                     "\"version\" is required: the key version travels beside a \"2:\" record",
                 )
             })?;
             let v = key.version(n).ok_or_else(|| {
                 Error::not_found(
-                    "version_not_found",
+                    Code::VersionNotFound,
                     format!("{} has no version {n}", key.id),
                 )
             })?;
             let dk = v.key().ok_or_else(|| {
                 Error::unavailable(
-                    "version_unavailable",
+                    Code::VersionUnavailable,
                     format!("{} version {n} is unavailable", key.id),
                 )
             })?;

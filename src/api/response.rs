@@ -8,6 +8,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::domain::error::Error;
+use crate::domain::Code;
 
 pub type Body = Full<Bytes>;
 
@@ -36,7 +37,7 @@ pub fn error(e: &Error) -> Response<Body> {
 }
 
 /// An error document for failures that happen before a handler runs (HTTP-level).
-pub fn error_doc(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+pub fn error_doc(status: StatusCode, code: Code, message: &str) -> Response<Body> {
     let body = serde_json::json!({"error": {"code": code, "message": message}});
     bytes(status, Bytes::from(body.to_string()))
 }
@@ -44,7 +45,7 @@ pub fn error_doc(status: StatusCode, code: &str, message: &str) -> Response<Body
 pub fn method_not_allowed(allow: &str) -> Response<Body> {
     let mut resp = error_doc(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        Code::MethodNotAllowed,
         &format!("method not allowed here; allowed: {allow}"),
     );
     if let Ok(v) = HeaderValue::from_str(allow) {

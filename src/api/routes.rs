@@ -1,5 +1,6 @@
 //! Routing and handlers: where each request goes.
 
+use crate::domain::Code;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,7 +155,7 @@ async fn dispatch(
 ) -> Result<Response<Body>> {
     let Some(route) = route else {
         return Err(Error::not_found(
-            "not_found",
+            Code::NotFound,
             format!("no such path {}", req.uri().path()),
         ));
     };
@@ -394,7 +395,7 @@ fn wait_param(query: Option<&str>) -> Result<Option<Duration>> {
                 .filter(|s| (1..=MAX_WAIT_SECONDS).contains(s))
                 .ok_or_else(|| {
                     Error::bad_input(
-                        "invalid_wait",
+                        Code::InvalidWait,
                         "wait must be a whole number of seconds from 1 to 300",
                     )
                 })?;
@@ -416,7 +417,7 @@ async fn test_clock(app: &App, peer: &Peer, req: Request<Incoming>) -> Result<Re
     }
     let body: Advance = read_json(app, req)
         .await?
-        .ok_or_else(|| Error::bad_input("missing_body", "advance_seconds is required"))?;
+        .ok_or_else(|| Error::bad_input(Code::MissingBody, "advance_seconds is required"))?;
     app.keyring.advance_clock(body.advance_seconds);
     app.on_clock_change();
     let now = app.keyring.now();

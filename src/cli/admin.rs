@@ -155,7 +155,9 @@ pub(super) fn totp_bootstrap(
             }
             match verifier.offline_enroll_confirm(uid, &code, &actor).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.code() == "verification_failed" && attempt < TRIES => {
+                Err(e)
+                    if e.code() == crate::domain::Code::VerificationFailed && attempt < TRIES =>
+                {
                     eprintln!("That code does not match the new secret; type the current one.");
                 }
                 Err(e) => return Err(e.into()),

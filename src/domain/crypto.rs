@@ -10,6 +10,7 @@
 //! (`aes`'s `zeroize` feature); the copies its moves leave in finished stack frames are
 //! overwritten by the caller once its records are done (`keyring::clear_stack`).
 
+use crate::domain::Code;
 use aes_gcm::aead::rand_core::RngCore;
 use aes_gcm::aead::{AeadInPlace, KeyInit, OsRng};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
@@ -51,14 +52,14 @@ pub fn format_of(record: &str) -> Result<Format> {
     } else if record.starts_with(PLAIN_PREFIX) {
         Ok(Format::Plain)
     } else {
-        Err(Error::bad_input("unsupported_format", ACCEPTED_FORMATS))
+        Err(Error::bad_input(Code::UnsupportedFormat, ACCEPTED_FORMATS))
     }
 }
 
 /// The one error of every record that does not decrypt.
 pub fn decryption_failed() -> Error {
     Error::bad_input(
-        "decryption_failed",
+        Code::DecryptionFailed,
         "the record cannot be decrypted: it is malformed, altered, or not encrypted under this key version",
     )
 }
@@ -99,7 +100,7 @@ fn seal(
     blob.extend_from_slice(plaintext);
     let tag = cipher
         .encrypt_in_place_detached(Nonce::from_slice(iv), b"", &mut blob[SALT_LEN + IV_LEN..])
-        .map_err(|_| Error::bad_input("plaintext_too_large", "the plaintext is too large"))?;
+        .map_err(|_| Error::bad_input(Code::PlaintextTooLarge, "the plaintext is too large"))?;
     blob.extend_from_slice(&tag);
     let mut out = String::with_capacity(SDK_PREFIX.len() + blob.len().div_ceil(3) * 4);
     out.push_str(SDK_PREFIX);
@@ -133,7 +134,7 @@ pub fn decrypt(key: &[u8; DATA_KEY_LEN], record: &str) -> Result<Zeroizing<Vec<u
 pub fn open_plain(record: &str) -> Result<Zeroizing<Vec<u8>>> {
     let packed = record
         .strip_prefix(PLAIN_PREFIX)
-        .ok_or_else(|| Error::bad_input("unsupported_format", ACCEPTED_FORMATS))?;
+        .ok_or_else(|| Error::bad_input(Code::UnsupportedFormat, ACCEPTED_FORMATS))?;
     STANDARD
         .decode(packed)
         .map(Zeroizing::new)
@@ -145,7 +146,7 @@ pub fn into_text(bytes: Zeroizing<Vec<u8>>) -> Result<Zeroizing<String>> {
     match std::str::from_utf8(&bytes) {
         Ok(s) => Ok(Zeroizing::new(s.to_string())),
         Err(_) => Err(Error::bad_input(
-            "plaintext_not_text",
+            Code::PlaintextNotText,
             "the record decrypts to bytes that are not UTF-8 text, which the InCountry SDKs never encrypt",
         )),
     }
@@ -242,13 +243,13 @@ mod tests {
         failures.push("2:!!!!".to_string());
         for f in &failures {
             let e = decrypt(&key, f).unwrap_err();
-            assert_eq!(e.code(), "decryption_failed");
+            assert_eq!(e.code(), Code::DecryptionFailed);
             assert_eq!(e.to_string(), decryption_failed().to_string());
         }
         // Another key.
         assert_eq!(
             decrypt(&[2u8; 32], &ct).unwrap_err().code(),
-            "decryption_failed"
+            Code::DecryptionFailed
         );
         // A flipped salt bit changes nothing: the salt is unused with raw keys (as in the SDK).
         let mut b = blob.clone();
@@ -265,18 +266,21 @@ mod tests {
         assert_eq!(format_of("pt:abc").unwrap(), Format::Plain);
         for bad in ["", "1:00", "3:abc", "c1:abc", "PT:abc", "2", "abc"] {
             let e = format_of(bad).unwrap_err();
-            assert_eq!(e.code(), "unsupported_format", "{bad}");
+            assert_eq!(e.code(), crate::domain::Code::UnsupportedFormat, "{bad}");
             assert!(e.to_string().contains("\"2:\"") && e.to_string().contains("\"pt:\""));
             assert_eq!(
                 decrypt(&[0u8; 32], bad).unwrap_err().code(),
-                "unsupported_format"
+                crate::domain::Code::UnsupportedFormat
             );
         }
         assert_eq!(&open_plain("pt:SW5Db3VudHJ5").unwrap()[..], b"InCountry");
-        assert_eq!(open_plain("pt:%%").unwrap_err().code(), "decryption_failed");
+        assert_eq!(
+            open_plain("pt:%%").unwrap_err().code(),
+            crate::domain::Code::DecryptionFailed
+        );
         assert_eq!(
             into_text(Zeroizing::new(vec![0xff])).unwrap_err().code(),
-            "plaintext_not_text"
+            crate::domain::Code::PlaintextNotText
         );
     }
 }

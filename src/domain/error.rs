@@ -2,16 +2,18 @@
 
 use std::fmt;
 
+use super::code::Code;
+
 /// Every failure a request or an admin action can meet. Messages are for the caller and the
 /// log: they never carry key material, PINs, codes or wrapped blobs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Fix the input: bad name, bad value, malformed body.
     #[error("{message}")]
-    BadInput { code: &'static str, message: String },
+    BadInput { code: Code, message: String },
     /// Send (or fix) a verification code.
     #[error("{message}")]
-    Unauthorized { code: &'static str, message: String },
+    Unauthorized { code: Code, message: String },
     /// The peer is not allowed to do this.
     #[error("{message}")]
     Forbidden { message: String },
@@ -23,14 +25,14 @@ pub enum Error {
     RequestTimeout { message: String },
     /// The key, version or path does not exist.
     #[error("{message}")]
-    NotFound { code: &'static str, message: String },
+    NotFound { code: Code, message: String },
     /// A limit that does not reset, or a state that forbids the action.
     #[error("{message}")]
-    Conflict { code: &'static str, message: String },
+    Conflict { code: Code, message: String },
     /// A limit that resets: retry after `retry_after` seconds.
     #[error("{message}")]
     RateLimited {
-        code: &'static str,
+        code: Code,
         message: String,
         retry_after: u64,
     },
@@ -38,7 +40,7 @@ pub enum Error {
     /// seconds.
     #[error("{message}")]
     Unavailable {
-        code: &'static str,
+        code: Code,
         message: String,
         retry_after: u64,
     },
@@ -57,25 +59,25 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub const RETRY_UNAVAILABLE_SECONDS: u64 = 5;
 
 impl Error {
-    pub fn bad_input(code: &'static str, message: impl fmt::Display) -> Self {
+    pub fn bad_input(code: Code, message: impl fmt::Display) -> Self {
         Error::BadInput {
             code,
             message: message.to_string(),
         }
     }
-    pub fn not_found(code: &'static str, message: impl fmt::Display) -> Self {
+    pub fn not_found(code: Code, message: impl fmt::Display) -> Self {
         Error::NotFound {
             code,
             message: message.to_string(),
         }
     }
-    pub fn conflict(code: &'static str, message: impl fmt::Display) -> Self {
+    pub fn conflict(code: Code, message: impl fmt::Display) -> Self {
         Error::Conflict {
             code,
             message: message.to_string(),
         }
     }
-    pub fn unavailable(code: &'static str, message: impl fmt::Display) -> Self {
+    pub fn unavailable(code: Code, message: impl fmt::Display) -> Self {
         Error::Unavailable {
             code,
             message: message.to_string(),
@@ -97,7 +99,7 @@ impl Error {
             message: message.to_string(),
         }
     }
-    pub fn unauthorized(code: &'static str, message: impl fmt::Display) -> Self {
+    pub fn unauthorized(code: Code, message: impl fmt::Display) -> Self {
         Error::Unauthorized {
             code,
             message: message.to_string(),
@@ -105,49 +107,19 @@ impl Error {
     }
 
     /// The stable machine-readable code of the error document.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
             Error::BadInput { code, .. }
             | Error::Unauthorized { code, .. }
             | Error::NotFound { code, .. }
             | Error::Conflict { code, .. }
             | Error::RateLimited { code, .. }
-            | Error::Unavailable { code, .. } => code,
-            Error::Forbidden { .. } => "forbidden",
-            Error::TooLarge { .. } => "body_too_large",
-            Error::RequestTimeout { .. } => "request_timeout",
-            Error::Integrity { .. } => "integrity_error",
-            Error::Internal { .. } => "internal_error",
+            | Error::Unavailable { code, .. } => *code,
+            Error::Forbidden { .. } => Code::Forbidden,
+            Error::TooLarge { .. } => Code::BodyTooLarge,
+            Error::RequestTimeout { .. } => Code::RequestTimeout,
+            Error::Integrity { .. } => Code::IntegrityError,
+            Error::Internal { .. } => Code::InternalError,
         }
     }
-}
-
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        // SQLite messages name tables and constraints, never values: safe to pass on.
-        if state_unavailable(&e) {
-            Error::unavailable("state_unavailable", format!("state database: {e}"))
-        } else {
-            Error::internal(format!("state database: {e}"))
-        }
-    }
-}
-
-/// Failures of the disk or of the database's access to it (full, I/O error, read-only,
-/// locked): they pass when the disk does, so the caller should retry, not report a bug.
-pub fn state_unavailable(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::*;
-    matches!(
-        e.sqlite_error_code(),
-        Some(
-            DiskFull
-                | SystemIoFailure
-                | ReadOnly
-                | DatabaseBusy
-                | DatabaseLocked
-                | CannotOpen
-                | OutOfMemory
-                | FileLockingProtocolFailed
-        )
-    )
 }

@@ -1,5 +1,6 @@
 //! Key identity: (environment, country), validated as the API contract says.
 
+use crate::domain::Code;
 use std::fmt;
 
 use crate::domain::error::{Error, Result};
@@ -22,7 +23,7 @@ impl KeyId {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !env_ok {
             return Err(Error::bad_input(
-                "invalid_environment",
+                Code::InvalidEnvironment,
                 "environment must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'",
             ));
         }
@@ -32,7 +33,7 @@ impl KeyId {
             && ISO_3166_ALPHA2.split(' ').any(|c| c == country);
         if !known {
             return Err(Error::bad_input(
-                "invalid_country",
+                Code::InvalidCountry,
                 "country must be an ISO 3166-1 alpha-2 code such as DE or us",
             ));
         }

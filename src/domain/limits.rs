@@ -1,5 +1,6 @@
 //! Rules a key and its versions must follow: rotation periods and the limits on new versions.
 
+use crate::domain::Code;
 use time::OffsetDateTime;
 
 use super::clock::{rfc3339, seconds_to_utc_midnight};
@@ -15,7 +16,7 @@ pub fn check_period(days: u32) -> Result<u32> {
         Ok(days)
     } else {
         Err(Error::bad_input(
-            "invalid_rotation_period",
+            Code::InvalidRotationPeriod,
             format!("rotation_period_days must be one of 30, 60, 180 or 360 (got {days})"),
         ))
     }
@@ -32,14 +33,14 @@ pub struct VersionLimits {
 impl VersionLimits {
     pub fn check(&self, key: &KeyState, now: OffsetDateTime) -> Result<()> {
         if let Some(problem) = &key.unavailable_reason {
-            return Err(Error::unavailable("root_key_missing", problem));
+            return Err(Error::unavailable(Code::RootKeyMissing, problem));
         }
         if self.aws {
             let limit = self.customer_supplied_versions;
             let used = key.customer_supplied_versions();
             if used as u64 >= limit as u64 {
                 return Err(Error::conflict(
-                    "customer_supplied_limit",
+                    Code::CustomerSuppliedLimit,
                     format!(
                         "{}: the limit of {limit} customer-supplied (aws) versions per key is reached ({used} registered over the key's life); this limit does not reset",
                         key.id
@@ -64,7 +65,7 @@ fn check_daily_limit(key: &KeyState, now: OffsetDateTime, per_day: u32) -> Resul
     if today as u64 >= per_day as u64 {
         let retry_after = seconds_to_utc_midnight(now);
         return Err(Error::RateLimited {
-            code: "daily_limit",
+            code: Code::DailyLimit,
             message: format!(
                 "{}: the limit of {per_day} new version(s) per key per UTC day is reached; it resets at {} (in {retry_after} s)",
                 key.id,

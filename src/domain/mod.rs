@@ -7,6 +7,7 @@ pub mod audit;
 pub mod aws;
 pub mod caller;
 pub mod clock;
+pub mod code;
 pub mod crypto;
 pub mod error;
 pub mod id;
@@ -17,6 +18,7 @@ pub mod version;
 
 pub use aws::AwsKeyRef;
 pub use caller::Caller;
+pub use code::Code;
 pub use error::{Error, Result};
 pub use id::KeyId;
 pub use secret::{DataKey, DATA_KEY_LEN};

@@ -1,5 +1,6 @@
 //! Immutable in-memory state that readers see: a snapshot of every key and its versions.
 
+use crate::domain::Code;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -226,14 +227,14 @@ impl KeyState {
     pub fn secrets_document(&self) -> Result<Zeroizing<Vec<u8>>> {
         use std::io::Write;
         if let Some(p) = &self.unavailable_reason {
-            return Err(Error::unavailable("root_key_missing", p));
+            return Err(Error::unavailable(Code::RootKeyMissing, p));
         }
         let active = self
             .active()
             .ok_or_else(|| Error::internal("key without versions"))?;
         if let Some(why) = active.availability.unavailable_reason() {
             return Err(Error::unavailable(
-                "active_version_unavailable",
+                Code::ActiveVersionUnavailable,
                 format!(
                     "{} active version {} is unavailable: {why}",
                     self.id, active.version

@@ -11,6 +11,7 @@ mod softhsm;
 pub use open::{open, open_with, read_pin};
 pub use pkcs11::Pkcs11Hsm;
 
+use crate::domain::Code;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -375,10 +376,10 @@ impl From<HsmError> for Error {
     fn from(e: HsmError) -> Self {
         match e {
             HsmError::Unavailable(_) | HsmError::Setup(_) => {
-                Error::unavailable("hsm_unavailable", e)
+                Error::unavailable(Code::HsmUnavailable, e)
             }
-            HsmError::RootKeyMissing(_) => Error::unavailable("root_key_missing", e),
-            HsmError::DuplicateRootKey(..) => Error::conflict("duplicate_root_key", e),
+            HsmError::RootKeyMissing(_) => Error::unavailable(Code::RootKeyMissing, e),
+            HsmError::DuplicateRootKey(..) => Error::conflict(Code::DuplicateRootKey, e),
             HsmError::Integrity => Error::integrity(e),
             HsmError::Rejected(_) => Error::internal(e),
         }

@@ -257,7 +257,7 @@ mod tests {
         fn write(&self) -> Result<()> {
             if self.fail.load(Ordering::SeqCst) {
                 return Err(crate::domain::error::Error::unavailable(
-                    "state_unavailable",
+                    crate::domain::Code::StateUnavailable,
                     "disk full",
                 ));
             }
@@ -369,7 +369,7 @@ mod tests {
             assert!(granted <= bridged);
         };
         assert_eq!(granted, bridged);
-        assert_eq!(e.code(), "state_unavailable");
+        assert_eq!(e.code(), crate::domain::Code::StateUnavailable);
         assert_eq!(store.get(&id, 1), 5);
         // The state takes writes again: the count catches up.
         store.fail.store(false, Ordering::SeqCst);

@@ -10,6 +10,7 @@ mod ledger;
 pub use aws::{AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
 pub use counters::{CounterValues, RecordCounters, RecordEvent};
 
+use crate::domain::Code;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -142,7 +143,7 @@ impl Keyring {
             .keys
             .get(id)
             .cloned()
-            .ok_or_else(|| Error::not_found("key_not_found", format!("no key {id}")))
+            .ok_or_else(|| Error::not_found(Code::KeyNotFound, format!("no key {id}")))
     }
 
     /// A receiver that sees a new value after every change to any key.
@@ -215,7 +216,7 @@ impl Keyring {
             Some(key) => {
                 if req.expect_active.is_some_and(|v| v != key.last_version()) {
                     return Err(Error::conflict(
-                        "stale_rotation",
+                        Code::StaleRotation,
                         format!("{id} changed since the rotation was planned"),
                     ));
                 }
@@ -224,13 +225,13 @@ impl Keyring {
                 (key.last_version() + 1, period)
             }
             None if req.existing_only => {
-                return Err(Error::not_found("key_not_found", format!("no key {id}")))
+                return Err(Error::not_found(Code::KeyNotFound, format!("no key {id}")))
             }
             None => (1, req.rotation_period_days),
         };
         if kind == VersionType::Managed && period.is_none() {
             return Err(Error::bad_input(
-                "missing_rotation_period",
+                Code::MissingRotationPeriod,
                 "rotation_period_days is required for a managed key (30, 60, 180 or 360)",
             ));
         }

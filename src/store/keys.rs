@@ -1,5 +1,6 @@
 //! Keys and versions in the state: stored forms, loading, adding, aws seals, counts, rotation.
 
+use crate::domain::Code;
 use rusqlite::{params, OptionalExtension};
 
 use super::Store;
@@ -176,7 +177,7 @@ impl Store {
             Some((rowid, last)) => {
                 if v.version != last + 1 {
                     return Err(Error::conflict(
-                        "version_conflict",
+                        Code::VersionConflict,
                         format!("{id}: version {} is not next after {last}", v.version),
                     ));
                 }
@@ -189,7 +190,7 @@ impl Store {
             None => {
                 if v.version != 1 {
                     return Err(Error::conflict(
-                        "version_conflict",
+                        Code::VersionConflict,
                         format!("{id}: a new key starts at version 1"),
                     ));
                 }
@@ -314,7 +315,7 @@ impl Store {
                 params![id.env, id.country, days],
             )?;
             if n == 0 {
-                return Err(Error::not_found("key_not_found", format!("no key {id}")));
+                return Err(Error::not_found(Code::KeyNotFound, format!("no key {id}")));
             }
             self.append_audit(tx, audit)
         })

@@ -9,6 +9,7 @@ mod schema;
 mod tests;
 mod totp;
 
+use crate::domain::Code;
 use std::fs::{self, File};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -112,7 +113,7 @@ impl Store {
             // Only the disk's faults: an HSM that cannot MAC an entry says so itself.
             Err(
                 e @ Error::Unavailable {
-                    code: "state_unavailable",
+                    code: Code::StateUnavailable,
                     ..
                 },
             ) => *health = Some(e.to_string()),
@@ -132,4 +133,34 @@ impl Store {
         // rolls back on drop), so a poisoned lock is still safe to use.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        // SQLite messages name tables and constraints, never values: safe to pass on.
+        if state_unavailable(&e) {
+            Error::unavailable(Code::StateUnavailable, format!("state database: {e}"))
+        } else {
+            Error::internal(format!("state database: {e}"))
+        }
+    }
+}
+
+/// Failures of the disk or of the database's access to it (full, I/O error, read-only,
+/// locked): they pass when the disk does, so the caller should retry, not report a bug.
+pub fn state_unavailable(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            DiskFull
+                | SystemIoFailure
+                | ReadOnly
+                | DatabaseBusy
+                | DatabaseLocked
+                | CannotOpen
+                | OutOfMemory
+                | FileLockingProtocolFailed
+        )
+    )
 }

@@ -1,5 +1,6 @@
 //! Enrolling verification secrets: a replacement, a first one vouched for, the offline bootstrap.
 
+use crate::domain::Code;
 use serde::Serialize;
 use totp_rs::Secret;
 use zeroize::Zeroizing;
@@ -108,7 +109,7 @@ impl TotpVerifier {
             // Replacing a secret: prove possession of the current one.
             if voucher.is_some_and(|v| v != uid) {
                 return Err(Error::bad_input(
-                    "invalid_verification_uid",
+                    Code::InvalidVerificationUid,
                     format!("uid {uid} is enrolled: replacing its secret needs a code from its current secret, not another admin's (leave out X-Verification-Uid)"),
                 ));
             }
@@ -116,13 +117,13 @@ impl TotpVerifier {
             Basis::Replace
         } else if self.state(|s| s.totp_count()).await? == 0 {
             return Err(Error::conflict(
-                "bootstrap_required",
+                Code::BootstrapRequired,
                 format!("no admin is enrolled yet: the first one is enrolled offline, as root with the daemon stopped: `incountry-keyd admin totp-enroll --uid {uid}`"),
             ));
         } else {
             let Some(voucher) = voucher else {
                 return Err(Error::unauthorized(
-                    "verification_required",
+                    Code::VerificationRequired,
                     format!("the first enrollment of uid {uid} needs a code of an enrolled admin: X-Verification-Uid (that admin's uid) with X-Verification-Code (CLI: --code-uid N --code CODE); or the offline bootstrap by root with the daemon stopped: `incountry-keyd admin totp-enroll --uid {uid}`"),
                 ));
             };
@@ -193,7 +194,7 @@ impl TotpVerifier {
             match pending.get(&uid) {
                 Some(p) if p.expires > now => (p.secret.clone(), p.basis),
                 _ => return Err(Error::not_found(
-                    "no_pending_enrollment",
+                    Code::NoPendingEnrollment,
                     "no enrollment in progress for this uid (or it expired): run totp-enroll again",
                 )),
             }
@@ -241,7 +242,7 @@ impl TotpVerifier {
         crate::domain::secret::clear_stack();
         let step = step.ok_or_else(|| {
             let e = Error::unauthorized(
-                "verification_failed",
+                Code::VerificationFailed,
                 "the code does not match the new secret",
             );
             (e, true)

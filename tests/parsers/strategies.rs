@@ -22,7 +22,7 @@ pub fn config(cases: u32) -> ProptestConfig {
 
 /// A 400 of the daemon's own input checks, with this code.
 pub fn is_bad_input(e: &Error, code: &str) -> bool {
-    matches!(e, Error::BadInput { .. }) && e.code() == code
+    matches!(e, Error::BadInput { .. }) && e.code().as_str() == code
 }
 
 /// Record-like strings: anything, the two prefixes (and near misses) before base64-ish

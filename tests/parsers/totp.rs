@@ -228,7 +228,7 @@ proptest! {
             Err(e) => {
                 prop_assert!(!valid, "{:?} refused: {}", value, e);
                 let want = if trimmed.is_empty() { "verification_required" } else { "verification_failed" };
-                prop_assert_eq!(e.code(), want, "{:?}", value);
+                prop_assert_eq!(e.code().as_str(), want, "{:?}", value);
             }
         }
     }

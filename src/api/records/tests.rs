@@ -66,7 +66,7 @@ fn budget_refuses_once_spent() {
     b.take(&key, 3).unwrap();
     b.take(&key, 3).unwrap();
     let e = b.take(&key, 3).unwrap_err();
-    assert_eq!(e.code(), "encryption_limit");
+    assert_eq!(e.code(), crate::domain::Code::EncryptionLimit);
     assert_eq!(response::status_of(&e), StatusCode::CONFLICT);
     let msg = e.to_string();
     assert!(

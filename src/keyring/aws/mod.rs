@@ -27,6 +27,7 @@ mod revalidate;
 #[cfg(test)]
 mod tests;
 
+use crate::domain::Code;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +51,7 @@ pub(super) use self::check::mark_checked;
 
 /// The code of a version whose data key or KMS parameters are not those it was registered
 /// with.
-pub const MISMATCH_CODE: &str = "aws_key_mismatch";
+pub const MISMATCH_CODE: Code = Code::AwsKeyMismatch;
 
 /// `from + d`, never overflowing: a duration too large for the clock (the config bounds
 /// them) waits 30 days instead of panicking.
@@ -62,7 +63,7 @@ pub(super) fn later(from: Instant, d: Duration) -> Instant {
 
 /// A KMS refusal or a key check failure: what health and the version's error say.
 struct Refusal {
-    code: &'static str,
+    code: Code,
     why: String,
 }
 
@@ -139,7 +140,7 @@ pub struct AwsProblem {
     pub state: AwsState,
     /// The refusal's code (`aws_key_disabled`, `aws_key_mismatch`, ...), `kms_unavailable`
     /// or `aws_key_stale`.
-    pub code: &'static str,
+    pub code: Code,
     pub error: String,
     /// RFC 3339; null when no check has succeeded since the daemon started.
     pub last_success: Option<String>,
@@ -215,7 +216,7 @@ impl Keyring {
                 ),
             ),
             KmsError::Transient(msg) => Error::unavailable(
-                "kms_unavailable",
+                Code::KmsUnavailable,
                 format!(
                     "{id}: cannot reach KMS in {}: {msg}; nothing was stored, retry later",
                     aws.region
@@ -224,7 +225,7 @@ impl Keyring {
         })?;
         if plaintext.len() != DATA_KEY_LEN {
             return Err(Error::bad_input(
-                "aws_key_length",
+                Code::AwsKeyLength,
                 format!(
                     "{id}: KMS decrypted the encrypted key to {} bytes; a data key must be exactly {DATA_KEY_LEN} bytes (AES-256, e.g. GenerateDataKey with KeySpec AES_256); nothing was stored",
                     plaintext.len()
@@ -278,11 +279,11 @@ impl Keyring {
             } else if c.stale {
                 (
                     AwsState::Stale,
-                    "aws_key_stale",
+                    Code::AwsKeyStale,
                     c.transient.clone().unwrap_or_default(),
                 )
             } else if let Some(e) = &c.transient {
-                (AwsState::Unreachable, "kms_unavailable", e.clone())
+                (AwsState::Unreachable, Code::KmsUnavailable, e.clone())
             } else {
                 continue;
             };

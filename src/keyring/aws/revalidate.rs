@@ -13,6 +13,7 @@ use crate::domain::audit::Actor;
 use crate::domain::audit::AuditOutcome;
 use crate::domain::clock::rfc3339;
 use crate::domain::Availability;
+use crate::domain::Code;
 use crate::domain::DataKey;
 use crate::domain::KeyId;
 use crate::domain::DATA_KEY_LEN;
@@ -262,7 +263,7 @@ pub(super) fn judge_one(
             n,
             cached,
             check,
-            "aws_key_length",
+            Code::AwsKeyLength,
             format!(
                 "KMS now decrypts the encrypted key to {} bytes, not {DATA_KEY_LEN}",
                 plaintext.len()
@@ -316,7 +317,7 @@ fn refuse(
     n: u32,
     cached: Option<&Arc<DataKey>>,
     check: &mut Check,
-    code: &'static str,
+    code: Code,
     why: String,
     settings: RevalidateSettings,
 ) -> Decision {
@@ -337,11 +338,11 @@ fn refuse(
     }
     let (env, country) = (&id.env, &id.country);
     let msg = if code == MISMATCH_CODE {
-        tracing::error!(%env, %country, version = n, code,
+        tracing::error!(%env, %country, version = n, %code,
             "customer-supplied key is not served: it fails its key check: {why}");
         format!("key check failed ({code}): {why}; not served")
     } else {
-        tracing::error!(%env, %country, version = n, code,
+        tracing::error!(%env, %country, version = n, %code,
             "customer-supplied key is no longer served: KMS refuses to decrypt it: {why}");
         format!("revoked: {why}")
     };

@@ -176,7 +176,7 @@ fn a_mismatch_is_unavailable_with_its_code_once() {
     match judge_one(&id, 1, None, &mut c, found(), 0, SETTINGS) {
         Decision::Becomes(Availability::Unavailable(why)) => {
             assert!(
-                why.contains(MISMATCH_CODE) && why.contains("removed"),
+                why.contains(MISMATCH_CODE.as_str()) && why.contains("removed"),
                 "{why}"
             )
         }
@@ -194,7 +194,7 @@ fn a_mismatch_is_unavailable_with_its_code_once() {
     let other = Found::Key(Zeroizing::new(vec![2u8; 32]));
     match judge_one(&id, 1, Some(&cached), &mut c, other, 0, SETTINGS) {
         Decision::Becomes(Availability::Unavailable(why)) => {
-            assert!(why.contains(MISMATCH_CODE), "{why}")
+            assert!(why.contains(MISMATCH_CODE.as_str()), "{why}")
         }
         _ => panic!("another key must not be served"),
     }
@@ -202,5 +202,8 @@ fn a_mismatch_is_unavailable_with_its_code_once() {
     let mut c = check();
     let refused = Found::Kms(crate::kms::classify_code("DisabledException", "", 400));
     judge_one(&id, 1, Some(&cached), &mut c, refused, 0, SETTINGS);
-    assert_eq!(c.rejected.as_ref().unwrap().code, "aws_key_disabled");
+    assert_eq!(
+        c.rejected.as_ref().unwrap().code,
+        crate::domain::Code::AwsKeyDisabled
+    );
 }
