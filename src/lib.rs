@@ -15,6 +15,8 @@
 //! Where a request goes: `api::serve` accepts it → `api::routes` → a handler in `api` →
 //! `verify` (admin codes) → `keyring` → `hsm` / `store` / `kms`.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod domain;
 
 pub mod config;

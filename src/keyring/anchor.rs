@@ -76,7 +76,7 @@ impl Sealer {
 
 /// Writes anchor `counter` of `head` to its slot.
 fn write(hsm: &HsmWorker, counter: u64, head: &StateHead) -> Result<()> {
-    let body = Anchor::of(counter, head).body();
+    let body = Anchor::of(counter, head).body()?;
     let slot = (counter % ANCHOR_SLOTS as u64) as usize;
     hsm.call_blocking(move |h| {
         let tag = h.mac(AUDIT_MAC_KEY, &anchor_fmt::mac_input(&body))?;
