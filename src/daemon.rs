@@ -19,7 +19,7 @@ use crate::domain::secret::harden_process;
 use crate::hsm::HsmWorker;
 use crate::keyring::{Keyring, RevalidateSettings};
 use crate::kms::AwsKms;
-use crate::store::Store;
+use crate::store::{self, Store};
 use crate::verify::Verifier;
 use crate::{api, systemd};
 use logging::LogHandle;
@@ -45,8 +45,8 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     }
     systemd::status("opening the HSM");
     let (hsm, hsm_thread) = crate::hsm::open(&config)?;
-    let result = match Store::open(&config.state.dir) {
-        Ok(store) => runtime.block_on(run(config_path, config, log, hsm, Arc::new(store), signals)),
+    let result = match store::open(&config.state.dir) {
+        Ok(store) => runtime.block_on(run(config_path, config, log, hsm, store, signals)),
         Err(e) => Err(e),
     };
     // Dropping the runtime drops every task, and with them the last HSM handles: the worker
@@ -99,7 +99,7 @@ async fn run(
     config: Config,
     log: LogHandle,
     hsm: HsmWorker,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     mut signals: Signals,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();

@@ -48,7 +48,7 @@ pub enum Verifier {
 }
 
 pub struct TotpVerifier {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     hsm: HsmWorker,
     clock: SharedClock,
     pending: Mutex<HashMap<u32, Pending>>,
@@ -110,7 +110,7 @@ fn verification_off() -> Error {
 impl Verifier {
     pub fn new(
         mode: VerificationMode,
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         hsm: HsmWorker,
         clock: SharedClock,
     ) -> Verifier {
@@ -191,10 +191,10 @@ impl Verifier {
 impl TotpVerifier {
     async fn state<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&dyn Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
             .map_err(|e| Error::internal(format!("state: {e}")))?
     }

@@ -128,7 +128,6 @@ pub(super) fn totp_bootstrap(
         thread: hsm_thread,
         actor,
     } = Offline::open(&config, state_dir, "totp-enroll --uid")?;
-    let store = std::sync::Arc::new(store);
     if config.verification.mode == crate::config::VerificationMode::Off {
         eprintln!(
             "note: verification.mode is \"off\": the daemon asks for no codes until it is \"totp\""
@@ -186,7 +185,7 @@ pub(super) fn totp_reset(
         thread,
         actor,
     } = Offline::open(&config, state_dir, "totp-reset")?;
-    let result = totp_delete(&store, &actor, uid);
+    let result = totp_delete(store.as_ref(), &actor, uid);
     drop(store);
     drop(hsm);
     thread.wait(std::time::Duration::from_secs(10));
@@ -196,7 +195,7 @@ pub(super) fn totp_reset(
 /// What an offline admin tool works with: the state (its lock held) and the HSM, opened
 /// as the state directory's owner, and the root process it acts for (the audit actor).
 struct Offline {
-    store: crate::store::Store,
+    store: std::sync::Arc<dyn crate::store::Store>,
     hsm: crate::hsm::HsmWorker,
     thread: crate::hsm::HsmThread,
     actor: crate::domain::audit::Actor,
@@ -218,7 +217,7 @@ impl Offline {
             pid: Some(std::process::id() as i32),
         };
         let pin = crate::hsm::read_pin(&config.hsm.pin_path()?)?;
-        // A state directory not made yet (no daemon has run) is made by Store::open as root.
+        // A state directory not made yet (no daemon has run) is made by store::open as root.
         let owner = match std::fs::metadata(&dir) {
             Ok(meta) => Some((meta.uid(), meta.gid())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -232,9 +231,9 @@ impl Offline {
         }
         // Secrets pass through this process: no core dumps, no ptrace by others.
         crate::domain::secret::harden_process();
-        let store = crate::store::Store::open(&dir)?;
+        let store = crate::store::open(&dir)?;
         let (hsm, thread) = crate::hsm::open_with(config, pin)?;
-        crate::keyring::anchor::open(&store, &hsm)?;
+        crate::keyring::anchor::open(store.as_ref(), &hsm)?;
         Ok(Offline {
             store,
             hsm,
@@ -245,7 +244,7 @@ impl Offline {
 }
 
 fn totp_delete(
-    store: &crate::store::Store,
+    store: &dyn crate::store::Store,
     actor: &crate::domain::audit::Actor,
     uid: u32,
 ) -> anyhow::Result<ExitCode> {

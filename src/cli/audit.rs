@@ -14,8 +14,8 @@ pub(super) fn verify(
     config_given: bool,
 ) -> anyhow::Result<ExitCode> {
     if let (Some(dir), false) = (&state_dir, config_given) {
-        let conn = crate::store::open_read_only(dir)?;
-        let mut read = crate::store::reader(&conn);
+        let store = crate::store::open_read_only(dir)?;
+        let mut read = |since, limit| store.audit_since(since, limit);
         return Ok(
             match crate::domain::audit::walk(
                 &mut read,
@@ -38,9 +38,9 @@ pub(super) fn verify(
     }
     let config = Config::load(config_path)?;
     let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
-    let conn = crate::store::open_read_only(&dir)?;
+    let store = crate::store::open_read_only(&dir)?;
     let (hsm, hsm_thread) = crate::hsm::open(&config)?;
-    let verdict = crate::keyring::anchor::verify(&conn, &hsm);
+    let verdict = crate::keyring::anchor::verify(store.as_ref(), &hsm);
     // Let the worker log out and finalize the module before the process exits.
     drop(hsm);
     hsm_thread.wait(std::time::Duration::from_secs(10));

@@ -10,8 +10,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use rusqlite::Connection;
-
 use crate::domain::audit::anchor::{self as anchor_fmt, compare, Anchor, Standing, StateHead};
 use crate::domain::audit::{self, entry_mac_input, same_mac, Macs, Start};
 use crate::domain::error::{Error, Result};
@@ -42,7 +40,7 @@ impl AuditSeal for Sealer {
         Ok(hex::encode(tag))
     }
 
-    fn appended(&self, store: &Store) {
+    fn appended(&self, store: &dyn Store) {
         if let Err(e) = self.update(store) {
             tracing::warn!(
                 error = %e,
@@ -54,7 +52,7 @@ impl AuditSeal for Sealer {
 
 impl Sealer {
     /// Writes an anchor of the state as it is now, unless the last one already says so.
-    fn update(&self, store: &Store) -> Result<()> {
+    fn update(&self, store: &dyn Store) -> Result<()> {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let head = store.head()?;
         if head == written.head {
@@ -142,7 +140,7 @@ fn mac_check(hsm: &HsmWorker) -> impl FnMut(&[String]) -> Result<Vec<String>> + 
 /// At start, with the state lock held and before any entry is appended: checks the state
 /// against the anchor, catches the anchor up (or writes the first one) and installs the
 /// seal. Blocking.
-pub fn open(store: &Store, hsm: &HsmWorker) -> Result<Arc<Sealer>> {
+pub fn open(store: &dyn Store, hsm: &HsmWorker) -> Result<Arc<Sealer>> {
     let stored = hsm.call_blocking(|h| h.read_anchors())?;
     let has_macs = store.audit_has_macs()?;
     let head = store.head()?;
@@ -199,7 +197,7 @@ pub fn open(store: &Store, hsm: &HsmWorker) -> Result<Arc<Sealer>> {
 }
 
 /// The anchored entry and every one after it: chained, and MACed by this HSM.
-fn check_since(store: &Store, hsm: &HsmWorker, anchor: &Anchor) -> Result<()> {
+fn check_since(store: &dyn Store, hsm: &HsmWorker, anchor: &Anchor) -> Result<()> {
     let start = match anchor.seq {
         0 => Start::genesis(),
         seq => Start { seq, prev: None },
@@ -219,8 +217,8 @@ fn check_since(store: &Store, hsm: &HsmWorker, anchor: &Anchor) -> Result<()> {
 }
 
 /// `Keyring::load`'s call of `open`, off the runtime.
-pub(super) async fn open_async(store: Arc<Store>, hsm: HsmWorker) -> Result<()> {
-    tokio::task::spawn_blocking(move || open(&store, &hsm).map(|_| ()))
+pub(super) async fn open_async(store: Arc<dyn Store>, hsm: HsmWorker) -> Result<()> {
+    tokio::task::spawn_blocking(move || open(store.as_ref(), &hsm).map(|_| ()))
         .await
         .map_err(|e| Error::internal(format!("anchor check: {e}")))?
 }
@@ -234,11 +232,11 @@ pub enum Verdict {
 /// `audit verify` with the HSM: the whole chain, every MAC, and the state against the
 /// anchor. Read-only (neither the anchor nor the MAC key is written). The anchor is read
 /// before the state, so a daemon committing meanwhile only puts the state ahead.
-pub fn verify(conn: &Connection, hsm: &HsmWorker) -> Result<Verdict> {
+pub fn verify(store: &dyn Store, hsm: &HsmWorker) -> Result<Verdict> {
     let stored = hsm.call_blocking(|h| h.read_anchors())?;
-    let has_macs = crate::store::audit_has_macs(conn)?;
-    let head = crate::store::read_head(conn)?;
-    let mut read = crate::store::reader(conn);
+    let has_macs = store.audit_has_macs()?;
+    let head = store.head()?;
+    let mut read = |since, limit| store.audit_since(since, limit);
     if stored.is_empty() && !has_macs {
         return Ok(match audit::walk(&mut read, Start::genesis(), None)? {
             Ok(w) => Verdict::Intact(format!(
@@ -268,7 +266,7 @@ pub fn verify(conn: &Connection, hsm: &HsmWorker) -> Result<Verdict> {
         Ok(w) => w,
         Err((seq, why)) => return Ok(Verdict::Broken(format!("BROKEN at sequence {seq}: {why}"))),
     };
-    let hash_at = crate::store::audit_hash_at(conn, anchor.seq)?;
+    let hash_at = store.audit_hash_at(anchor.seq)?;
     let legacy = match walked.legacy {
         0 => String::new(),
         n => format!(" ({n} older entries from before MACs)"),

@@ -23,7 +23,8 @@ pub const RESERVE_BLOCK: u64 = 1 << 16;
 /// many blocks past the last reservation; then it waits for the state (503).
 const UNPERSISTED_BLOCKS: u64 = 16;
 
-/// Where encryption counts are kept (the state; a fake in tests).
+/// Where encryption counts are kept: the part of the state the ledger needs (`dyn Store`),
+/// narrow so that its tests need only a fake of this part.
 pub trait EncryptionStore: Send + Sync + 'static {
     /// The stored count of a version.
     fn stored(&self, id: &KeyId, version: u32) -> Result<u64>;
@@ -33,7 +34,7 @@ pub trait EncryptionStore: Send + Sync + 'static {
     fn store_exact(&self, counts: &[(KeyId, u32, u64)]) -> Result<()>;
 }
 
-impl EncryptionStore for Store {
+impl EncryptionStore for dyn Store {
     fn stored(&self, id: &KeyId, version: u32) -> Result<u64> {
         self.encryptions(id, version)
     }
@@ -110,9 +111,9 @@ impl EncryptionLedger {
     /// fewer than `n` (0) only at the limit. Reserves a block in the state first when the
     /// last one is used up. `Err` when the state cannot be read, or has not taken a
     /// reservation for too long.
-    pub async fn reserve(
+    pub async fn reserve<S: EncryptionStore + ?Sized>(
         &self,
-        store: Arc<dyn EncryptionStore>,
+        store: Arc<S>,
         id: &KeyId,
         version: u32,
         n: u64,
@@ -199,7 +200,7 @@ impl EncryptionLedger {
 
     /// Writes the exact counts of every version used this run (at a clean stop), giving
     /// back reserved blocks not used.
-    pub async fn flush(&self, store: Arc<dyn EncryptionStore>) -> Result<()> {
+    pub async fn flush<S: EncryptionStore + ?Sized>(&self, store: Arc<S>) -> Result<()> {
         let _writing = self.writing.lock().await;
         let counts: Vec<(KeyId, u32, u64)> = self
             .entries()
@@ -383,7 +384,7 @@ mod tests {
         use crate::domain::{Initiator, VersionType};
         use crate::store::StoredVersion;
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = crate::store::open(dir.path()).unwrap();
         store.set_audit_seal(Arc::new(crate::store::TestSeal));
         let id = id();
         let v = StoredVersion {
@@ -397,7 +398,7 @@ mod tests {
         };
         let audit = AuditEntry::new(0, &Actor::Timer, "create", Some(&id));
         store.add_version(&id, Some(30), &v, &audit).unwrap();
-        let s: Arc<dyn EncryptionStore> = store.clone();
+        let s = store.clone();
         let ledger = EncryptionLedger::with_limits(100, 8);
         assert_eq!(ledger.reserve(s.clone(), &id, 1, 3).await.unwrap(), 3);
         assert_eq!(store.encryptions(&id, 1).unwrap(), 11);

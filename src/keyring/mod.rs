@@ -82,7 +82,7 @@ pub struct AddedVersion {
 
 pub struct Keyring {
     current: ArcSwap<Snapshot>,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     hsm: HsmWorker,
     clock: SharedClock,
     // Serializes writers (admin requests, timers): version numbers are picked under it.
@@ -101,7 +101,7 @@ impl Keyring {
     /// error in the log), so the rest still serve. Aws versions load as unavailable until
     /// their first KMS check (`revalidate_due`).
     pub async fn load(
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         hsm: HsmWorker,
         clock: SharedClock,
         kms: Arc<dyn KmsDecrypt>,
@@ -385,11 +385,11 @@ impl Keyring {
     async fn state_op<T, F>(&self, f: F, id: &KeyId) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Store, &KeyId) -> Result<T> + Send + 'static,
+        F: FnOnce(&dyn Store, &KeyId) -> Result<T> + Send + 'static,
     {
         let store = self.store.clone();
         let id = id.clone();
-        tokio::task::spawn_blocking(move || f(&store, &id))
+        tokio::task::spawn_blocking(move || f(store.as_ref(), &id))
             .await
             .map_err(|e| Error::internal(format!("state writer: {e}")))?
     }

@@ -1,166 +1,164 @@
-//! Durable state in SQLite (WAL, synchronous FULL): keys, their versions in wrapped form only,
-//! settings, and the schema version. Each change is one transaction.
+//! Durable state behind the [`Store`] trait: keys and their versions in wrapped form only,
+//! encryption counts, admins' TOTP secrets and attempts, and the MACed, hash-chained audit
+//! log. The daemon's backend is SQLite ([`SqliteStore`]: WAL, synchronous FULL, one file
+//! under the state directory); every layer above holds an `Arc<dyn Store>`.
 
-mod audit_log;
-mod files;
-mod keys;
-mod schema;
+mod sqlite;
 #[cfg(test)]
 mod tests;
-mod totp;
+mod types;
 
-use crate::domain::Code;
-use std::fs::{self, File};
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::Arc;
 
-use rusqlite::{Connection, TransactionBehavior};
+use crate::domain::audit::anchor::StateHead;
+use crate::domain::audit::{AuditEntry, AuditRecord};
+use crate::domain::error::Result;
+use crate::domain::KeyId;
 
-use crate::domain::error::{Error, Result};
+pub use sqlite::{SqliteStore, DB_FILE};
+pub use types::{
+    SealedCheck, StoredAws, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits,
+};
 
-#[cfg(test)]
-pub use audit_log::TestSeal;
-pub use audit_log::{audit_has_macs, audit_hash_at, read_audit, read_head, reader, AuditSeal};
-pub use files::{open_read_only, DB_FILE};
-pub use keys::{SealedCheck, StoredAws, StoredAwsSeals, StoredKey, StoredVersion};
-pub use totp::{StoredTotp, TotpLimits};
+/// Everything the daemon persists. Each method that changes the state is one transaction:
+/// it all commits or none of it does, and the audit entry it takes is appended (chained to
+/// the last entry and MACed by the installed [`AuditSeal`]) inside that same transaction.
+///
+/// Synchronous and object-safe on purpose. Callers on the runtime move calls off it
+/// (`spawn_blocking`), which SQLite's fsyncs need anyway; the seal MACs entries in the HSM
+/// from inside the transaction, through a blocking call, which an async trait would have to
+/// re-enter the runtime for; and `dyn Store` needs no boxed futures. A PostgreSQL backend
+/// (tokio-postgres) blocks on its own runtime's handle from those blocking threads.
+///
+/// What a shared backend (several hosts, one key set) relies on:
+/// - Version numbers: a version's number is sealed into its wrap (the AAD), so the caller
+///   picks it before the HSM wraps the key; the store is the arbiter. [`Store::add_version`]
+///   checks, in its transaction, that the number is exactly one past the last number ever
+///   used for the key (1 for a new key) and refuses anything else with `version_conflict`,
+///   so of two hosts racing for the same number one wins and the other reloads
+///   ([`Store::load_key`]) and tries again or reports the conflict.
+/// - The audit chain: appends take the chain's head inside the transaction (SQLite: the
+///   immediate transaction's write lock; PostgreSQL: a lock on the head row), so entries
+///   from several writers still form one chain.
+/// - Reads: the daemon serves from memory; [`Store::load_all`] (start, full reload) and
+///   [`Store::load_key`] (one key, after a change made elsewhere) refresh it, and
+///   [`Store::head`] (the last audit entry and each key's last version) tells whether
+///   anything changed.
+pub trait Store: Send + Sync + 'static {
+    /// Every key with every version, keys by (environment, country), versions oldest first.
+    fn load_all(&self) -> Result<Vec<StoredKey>>;
+    /// One key with every version; `None` when the state has no such key.
+    fn load_key(&self, id: &KeyId) -> Result<Option<StoredKey>>;
+    /// Adds version `v.version` to `id`, creating the key when it is version 1, and sets the
+    /// key's rotation period, with its audit entry. Refused (`version_conflict`) unless the
+    /// number is exactly one past the last one ever used for the key.
+    fn add_version(
+        &self,
+        id: &KeyId,
+        rotation_period_days: Option<u32>,
+        v: &StoredVersion,
+        audit: &AuditEntry,
+    ) -> Result<()>;
+    /// Sets a key's rotation period, with its audit entry (`key_not_found`: no such key).
+    fn set_rotation_period(&self, id: &KeyId, days: Option<u32>, audit: &AuditEntry) -> Result<()>;
+    /// The sealed IAM secret and the sealed key check of an aws version, as stored now
+    /// (`None`: no such aws version).
+    fn aws_seals(&self, id: &KeyId, version: u32) -> Result<Option<StoredAwsSeals>>;
 
-use files::{check_state_dir, lock_state, private_files};
-use schema::migrate;
+    /// Records encrypted under a version, as stored (at least as many as were made: see
+    /// `keyring::ledger`). 0 for a version the state does not have.
+    fn encryptions(&self, id: &KeyId, version: u32) -> Result<u64>;
+    /// Raises a version's stored encryption count to at least `at_least` (a reservation
+    /// made before the encryptions it covers); an error for a version the state lacks.
+    fn reserve_encryptions(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()>;
+    /// Stores exact encryption counts (at a clean stop), in one transaction.
+    fn set_encryptions(&self, counts: &[(KeyId, u32, u64)]) -> Result<()>;
 
-pub struct Store {
-    conn: Mutex<Connection>,
-    path: PathBuf,
-    // Held for the daemon's life: a second daemon on the same state refuses to start.
-    _lock: Option<File>,
-    /// Why the last write failed for a reason of the disk; `None` once a write succeeds.
-    unavailable: Mutex<Option<String>>,
-    /// MACs audit entries and keeps the HSM anchor (installed by the keyring).
-    seal: Mutex<Option<Arc<dyn AuditSeal>>>,
-    /// Set by an append inside the transaction under way (read and reset under the
-    /// connection's lock).
-    appended: AtomicBool,
-}
+    /// An admin's sealed TOTP secret.
+    fn totp_get(&self, uid: u32) -> Result<Option<StoredTotp>>;
+    /// How many admins have a TOTP secret.
+    fn totp_count(&self) -> Result<u64>;
+    /// Stores (or replaces) an admin's sealed secret, with its audit entry.
+    fn totp_put(&self, uid: u32, t: &StoredTotp, created: i64, audit: &AuditEntry) -> Result<()>;
+    /// Removes an admin's secret and its failures and lock, with its audit entry; false
+    /// when it had none (the entry is still appended).
+    fn totp_delete(&self, uid: u32, audit: &AuditEntry) -> Result<bool>;
+    /// Until when `uid`'s codes are refused (`Some` only while the lock holds at `now`).
+    fn totp_locked_until(&self, uid: u32, now: i64) -> Result<Option<i64>>;
+    /// Counts an attempt of `uid` as a failure *before* its code is checked, so that a check
+    /// that never finishes (a dropped request, a crash) still counts, and refuses it while
+    /// the uid is locked. `Err(until)`: locked until then (a window already holding
+    /// `max_failures` failures locks here). The caller then checks the code and settles the
+    /// attempt with `totp_attempt_failed`, `totp_attempt_passed` or `totp_attempt_withdraw`.
+    fn totp_attempt_begin(
+        &self,
+        uid: u32,
+        now: i64,
+        limits: TotpLimits,
+    ) -> Result<std::result::Result<(), i64>>;
+    /// The attempt counted by `totp_attempt_begin` was a wrong (or replayed) code: it stays
+    /// counted, and when it is the `max_failures`th of its window the uid is locked for
+    /// `lockout` seconds. Returns the end of the lock it set.
+    fn totp_attempt_failed(&self, uid: u32, now: i64, limits: TotpLimits) -> Result<Option<i64>>;
+    /// The attempt's code was right: marks `step` used (replay protection) and takes the
+    /// attempt back from the failures, in one transaction. False when `step` (or a later
+    /// one) was used already: the attempt then stays counted (a replay is a failure).
+    fn totp_attempt_passed(&self, uid: u32, step: u64) -> Result<bool>;
+    /// Takes back an attempt whose code was never checked (the HSM or the state failed) or
+    /// that activated a new secret.
+    fn totp_attempt_withdraw(&self, uid: u32) -> Result<()>;
 
-impl Store {
-    /// Opens (creating if needed) the state under `dir` for the daemon: takes the state lock.
-    pub fn open(dir: &Path) -> anyhow::Result<Store> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create state directory {}: {e}", dir.display()))?;
-        check_state_dir(dir)?;
-        let lock = lock_state(dir)?;
-        let path = dir.join(DB_FILE);
-        private_files(&path)?;
-        let conn = Connection::open(&path)
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        migrate(&conn)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-            path,
-            _lock: Some(lock),
-            unavailable: Mutex::new(None),
-            seal: Mutex::new(None),
-            appended: AtomicBool::new(false),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
+    /// Seals every audit entry appended from now on. Until one is installed, appends are
+    /// refused: an entry without a MAC after MACed ones would break the log.
+    fn set_audit_seal(&self, seal: Arc<dyn AuditSeal>);
+    /// Appends one audit entry in its own transaction (refusals, failures).
+    fn audit(&self, entry: &AuditEntry) -> Result<()>;
+    /// Audit entries with `seq > since`, oldest first, at most `limit`.
+    fn audit_since(&self, since: i64, limit: usize) -> Result<Vec<AuditRecord>>;
+    /// The newest audit entry and each key's last version (what the HSM anchor records),
+    /// read as of one moment.
+    fn head(&self) -> Result<StateHead>;
+    /// The hash of the audit entry at `seq`, if there is one.
+    fn audit_hash_at(&self, seq: i64) -> Result<Option<String>>;
+    /// Whether any audit entry carries a MAC.
+    fn audit_has_macs(&self) -> Result<bool>;
 
     /// `Some(reason)` while writes fail for a reason of the disk (full, I/O error,
     /// read-only); clears at the next write that succeeds.
-    pub fn unavailable(&self) -> Option<String> {
-        self.unavailable
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Runs `f` in one immediate transaction and commits it; a failure rolls everything
-    /// back (the transaction is dropped), so nothing is half-written. Tracks whether the
-    /// disk takes writes. After a commit that appended audit entries, and with the lock
-    /// released, the seal updates the HSM anchor.
-    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
-        let (result, appended) = {
-            let mut conn = self.conn();
-            let result = (|| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let out = f(&tx)?;
-                tx.commit()?;
-                Ok(out)
-            })();
-            // Read and reset under the lock: the flag is this transaction's alone.
-            let appended = self.appended.swap(false, Ordering::SeqCst);
-            (result, appended)
-        };
-        let mut health = self.unavailable.lock().unwrap_or_else(|p| p.into_inner());
-        match &result {
-            Ok(_) => {
-                if health.take().is_some() {
-                    tracing::info!("state database takes writes again");
-                }
-            }
-            // Only the disk's faults: an HSM that cannot MAC an entry says so itself.
-            Err(
-                e @ Error::Unavailable {
-                    code: Code::StateUnavailable,
-                    ..
-                },
-            ) => *health = Some(e.to_string()),
-            Err(_) => {}
-        }
-        drop(health);
-        if appended && result.is_ok() {
-            if let Some(seal) = self.audit_seal() {
-                seal.appended(self);
-            }
-        }
-        result
-    }
-
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave a half-done transaction (rusqlite
-        // rolls back on drop), so a poisoned lock is still safe to use.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
+    fn unavailable(&self) -> Option<String>;
 }
 
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        // SQLite messages name tables and constraints, never values: safe to pass on.
-        if state_unavailable(&e) {
-            Error::unavailable(Code::StateUnavailable, format!("state database: {e}"))
-        } else {
-            Error::internal(format!("state database: {e}"))
-        }
-    }
+/// How audit entries are sealed: installed by the keyring, which holds the HSM (the store
+/// does not know it).
+pub trait AuditSeal: Send + Sync {
+    /// The MAC (hex) of an entry's chain hash. Runs inside the appending transaction, so
+    /// it must never wait on the state.
+    fn mac(&self, hash: &str) -> Result<String>;
+    /// After a transaction that appended entries committed, with the state's lock released.
+    fn appended(&self, store: &dyn Store);
 }
 
-/// Failures of the disk or of the database's access to it (full, I/O error, read-only,
-/// locked): they pass when the disk does, so the caller should retry, not report a bug.
-pub fn state_unavailable(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::*;
-    matches!(
-        e.sqlite_error_code(),
-        Some(
-            DiskFull
-                | SystemIoFailure
-                | ReadOnly
-                | DatabaseBusy
-                | DatabaseLocked
-                | CannotOpen
-                | OutOfMemory
-                | FileLockingProtocolFailed
-        )
-    )
+/// Opens (creating if needed) the state under `dir` for the daemon or an offline admin
+/// tool: takes the state lock, applies migrations.
+pub fn open(dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(Arc::new(SqliteStore::open(dir)?))
+}
+
+/// Opens the state under `dir` read-only (`audit verify`): no lock, no migrations, and
+/// every write is refused.
+pub fn open_read_only(dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(Arc::new(SqliteStore::open_read_only(dir)?))
+}
+
+/// A seal for unit tests of the state: a fixed MAC, no anchor.
+#[cfg(test)]
+pub struct TestSeal;
+
+#[cfg(test)]
+impl AuditSeal for TestSeal {
+    fn mac(&self, _: &str) -> Result<String> {
+        Ok("00".repeat(crate::domain::audit::MAC_LEN))
+    }
+    fn appended(&self, _: &dyn Store) {}
 }

@@ -26,7 +26,7 @@ use incountry_keyd::domain::clock::Clock;
 use incountry_keyd::hsm::{Hsm, HsmError, HsmWorker, MAC_LEN, WRAP_IV_LEN};
 use incountry_keyd::keyring::Keyring;
 use incountry_keyd::kms::{AwsKeyRef, DecryptFuture, KmsDecrypt};
-use incountry_keyd::store::Store;
+use incountry_keyd::store;
 use incountry_keyd::verify::Verifier;
 
 /// AES-256-GCM root keys, MAC keys and anchor slots in memory, with the `Hsm` trait's
@@ -226,7 +226,7 @@ impl Daemon {
             HsmWorker::start(|| Ok(Box::new(MemoryHsm::default()) as Box<dyn Hsm>)).unwrap();
         // The worker ends with the process.
         std::mem::forget(hsm_thread);
-        let store = Arc::new(Store::open(&dir.join("state")).unwrap());
+        let store = store::open(&dir.join("state")).unwrap();
         let app = runtime.block_on(async {
             let keyring = Keyring::load(
                 store.clone(),

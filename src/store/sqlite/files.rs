@@ -11,13 +11,14 @@ pub const DB_FILE: &str = "keyd.sqlite3";
 const LOCK_FILE: &str = "keyd.lock";
 
 /// Opens the state database read-only (offline tools such as `audit verify`).
-pub fn open_read_only(dir: &Path) -> anyhow::Result<Connection> {
+pub(super) fn open_read_only(dir: &Path) -> anyhow::Result<(Connection, PathBuf)> {
     let path = dir.join(DB_FILE);
     if !path.exists() {
         anyhow::bail!("no state database at {}", path.display());
     }
-    Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| anyhow::anyhow!("cannot open {} read-only: {e}", path.display()))
+    let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| anyhow::anyhow!("cannot open {} read-only: {e}", path.display()))?;
+    Ok((conn, path))
 }
 
 /// The state directory must be the daemon's own: owned by its user and writable by no one
