@@ -141,21 +141,7 @@ impl Default for LimitsSection {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VerificationMode {
-    Totp,
-    Off,
-}
-
-impl VerificationMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VerificationMode::Totp => "totp",
-            VerificationMode::Off => "off",
-        }
-    }
-}
+pub use crate::domain::VerificationMode;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -8,12 +8,15 @@
 //! 2. adapters: `store` (state behind the `Store` trait), `hsm`, `kms`, `config`, `systemd`;
 //! 3. services: `keyring` (sole owner of the HSM, store and KMS handles), `verify`,
 //!    `rotation`, `metrics`;
-//! 4. `api` (socket, routing, handlers) and `proto` (the typed wire protocol);
+//! 4. `api` (socket, routing, request extraction, handlers per resource) and `proto` (the
+//!    typed wire protocol: the server answers with it, the CLI and the tests read it);
 //! 5. `daemon`: wiring only;
 //! 6. `cli`: commands, the socket client, bulk rewrap.
 //!
-//! Where a request goes: `api::serve` accepts it → `api::routes` → a handler in `api` →
-//! `verify` (admin codes) → `keyring` → `hsm` / `store` / `kms`.
+//! Where a request goes: `api::serve` accepts it → `api::routes` (method and path to a
+//! typed route) → the handler of its resource in `api` (its body and headers through
+//! `api::extract`) → `verify` (admin codes) → `keyring` (records too) → `hsm` / `store` /
+//! `kms`; the answer is a `proto` type.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 

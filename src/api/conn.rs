@@ -135,11 +135,11 @@ impl Limiter {
 /// Refuses a connection: a short 503 if the socket takes it without waiting, then close.
 /// Done in the accept loop itself, so a refused connection holds no descriptor afterwards.
 pub fn refuse(stream: UnixStream, why: &Refusal) {
-    let body = serde_json::json!({"error": {
-        "code": crate::domain::Code::TooManyConnections,
-        "message": format!("connection refused: {why}; retry later"),
-    }})
-    .to_string();
+    let doc = crate::proto::ErrorDocument::new(
+        crate::domain::Code::TooManyConnections,
+        format!("connection refused: {why}; retry later"),
+    );
+    let body = serde_json::to_string(&doc).unwrap_or_default();
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

@@ -1,13 +1,20 @@
-//! `GET /v1/health`: HSM ping, state, keys and KMS; the bare status for peers without a role.
+//! What monitoring reads: `GET /v1/health` (HSM ping, state, keys, rotation and KMS; the
+//! bare status for peers without a role) and `GET /metrics` (OpenMetrics).
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
-use serde_json::json;
 
 use super::peer::Role;
 use super::response::{self, Body};
-use crate::api::App;
+use super::App;
+use crate::domain::{AwsStatus, VerificationMode};
+use crate::proto::{
+    BareHealth, Condition, Health, HealthDocument, HealthStatus, RotationFailure, RotationHealth,
+};
+use crate::rotation::StatusView;
 
 pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
     // The ping proves the session against the token; a failure makes the worker reconnect.
@@ -19,41 +26,85 @@ pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
     };
     let state_error = app.keyring.state_unavailable();
     let snap = app.keyring.snapshot();
-    let versions = snap.version_count();
     let unavailable: Vec<String> = snap
         .unavailable()
         .map(|(k, v)| format!("{} v{}", k.id, v.version))
         .collect();
     let verification = app.verifier.mode();
-    let rotation = app.rotator.view();
+    let view = app.rotator.view();
+    let rotation_failing = !view.failing.is_empty();
+    let rotation = rotation_health(view);
     let aws = app.keyring.aws_health();
     let degraded = hsm_error.is_some()
         || state_error.is_some()
         || !unavailable.is_empty()
-        || verification == crate::config::VerificationMode::Off
-        || !rotation.failing.is_empty()
-        || aws.status == crate::keyring::AwsStatus::Degraded;
-    let mut doc = json!({
-        "status": if degraded { "degraded" } else { "ok" },
-        "hsm": if hsm_error.is_some() { "unavailable" } else { "ok" },
-        "hsm_reconnects": app.keyring.hsm_status().reconnects,
-        "state": if state_error.is_some() { "unavailable" } else { "ok" },
-        "keys": snap.keys.len(),
-        "versions": versions,
-        "unavailable_versions": unavailable,
-        "verification": verification,
-        "rotation": rotation,
-        "aws": aws,
-    });
-    if let Some(e) = hsm_error {
-        doc["hsm_error"] = json!(e);
-    }
-    if let Some(e) = state_error {
-        doc["state_error"] = json!(e);
-    }
-    if role == Role::None {
+        || verification == VerificationMode::Off
+        || rotation_failing
+        || aws.status == AwsStatus::Degraded;
+    let status = if degraded {
+        HealthStatus::Degraded
+    } else {
+        HealthStatus::Ok
+    };
+    let doc = if role == Role::None {
         // Key names, versions and KMS errors (account ids, ARNs) are for readers only.
-        doc = json!({ "status": doc["status"] });
-    }
+        Health::Bare(BareHealth { status })
+    } else {
+        Health::Full(Box::new(HealthDocument {
+            aws,
+            hsm: condition(&hsm_error),
+            hsm_error,
+            hsm_reconnects: app.keyring.hsm_status().reconnects,
+            keys: snap.keys.len(),
+            rotation,
+            state: condition(&state_error),
+            state_error,
+            status,
+            unavailable_versions: unavailable,
+            verification,
+            versions: snap.version_count(),
+        }))
+    };
     response::json(StatusCode::OK, &doc)
+}
+
+fn condition(error: &Option<String>) -> Condition {
+    match error {
+        Some(_) => Condition::Unavailable,
+        None => Condition::Ok,
+    }
+}
+
+/// The rotator's view in wire types. Its failing keys come as JSON objects of the same
+/// fields; one that does not read as a `RotationFailure` is dropped from the list (and
+/// logged) rather than failing health.
+fn rotation_health(view: StatusView) -> RotationHealth {
+    let failing = view
+        .failing
+        .into_iter()
+        .filter_map(|f| match serde_json::from_value::<RotationFailure>(f) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!(error = %e, "health: a rotation failure of an unknown shape");
+                None
+            }
+        })
+        .collect();
+    RotationHealth {
+        checks: view.checks,
+        failing,
+        last_check: view.last_check,
+    }
+}
+
+/// `GET /metrics`.
+pub(super) fn metrics(app: &App) -> Response<Body> {
+    let now = app.keyring.now();
+    let text = app.metrics.render(&app.keyring.snapshot(), now);
+    let mut resp = response::bytes(StatusCode::OK, Bytes::from(text));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
 }

@@ -1,16 +1,23 @@
 //! HTTP/1.1 on a Unix socket. Each connection is tagged with its peer's credentials; each
-//! request is routed in `routes`, and errors become statuses in `response`.
+//! request is routed in `routes` to a handler of its resource (`keys`, `changes`, `records`,
+//! `totp`, `audit`, `health`), which takes what it needs from the request through `extract`;
+//! errors become statuses in `response`. Bodies and answers are the types of `proto`.
 
-mod admin;
 mod app;
-mod body;
+mod audit;
+mod changes;
 mod conn;
+mod extract;
 mod health;
+mod keys;
 mod peer;
 mod records;
 mod refusals;
 pub mod response;
 mod routes;
+#[cfg(feature = "test-clock")]
+mod test_clock;
+mod totp;
 
 pub use app::App;
 pub use peer::{Peer, Role};
@@ -24,13 +31,10 @@ use hyper::service::service_fn;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::UnixListener;
 
+use extract::BodyDeadline;
+
 /// How long in-flight requests may take to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(30);
-
-/// The deadline by which a request's body must have arrived (`server.request_timeout`
-/// after its first byte), set on each request for the handlers that read a body.
-#[derive(Clone, Copy)]
-pub(crate) struct BodyDeadline(pub tokio::time::Instant);
 
 /// Accepts connections until `shutdown` resolves, then stops accepting and lets in-flight
 /// requests finish (up to `DRAIN`). Connections past `server.max_connections` or a uid's
@@ -84,7 +88,7 @@ pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl std::fu
                     let (app, peer) = (app.clone(), peer.clone());
                     async move {
                         let _busy = busy;
-                        routes::handle(app, peer, req).await
+                        routes::answer(app, peer, req).await
                     }
                 });
                 // hyper's own header timer is off: `TimedIo` does its job without closing

@@ -5,6 +5,7 @@ use std::os::fd::AsRawFd;
 use tokio::net::UnixStream;
 
 use crate::config::AccessPolicy;
+use crate::domain::error::{Error, Result};
 use crate::domain::Caller;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,6 +49,28 @@ impl Peer {
             gid: self.gid,
             pid: self.pid,
         }
+    }
+
+    /// 403 unless the peer may read (every route but health needs it).
+    pub fn require_reader(&self) -> Result<()> {
+        if self.role < Role::Reader {
+            return Err(Error::forbidden(format!(
+                "uid {} is not in access.readers or access.admins",
+                self.uid
+            )));
+        }
+        Ok(())
+    }
+
+    /// 403 unless the peer is an admin (changes, enrollment, the audit log).
+    pub fn require_admin(&self) -> Result<()> {
+        if self.role < Role::Admin {
+            return Err(Error::forbidden(format!(
+                "uid {} is not in access.admins",
+                self.uid
+            )));
+        }
+        Ok(())
     }
 
     /// The role these credentials have under `access` (the lists in force may have changed

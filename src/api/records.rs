@@ -1,85 +1,33 @@
-//! Record encryption, decryption and rewrap in the InCountry SDK format, single and batch.
-//! Keys come from the live snapshot (no HSM round trip per record); the AES work of a batch
-//! runs on a blocking thread, off the async runtime.
-//!
-//! Every encryption (encrypt, and rewrap into the active version) is taken from the
-//! version's durable count first (`keyring::ledger::EncryptionLedger`); past its limit the
-//! item gets 409 `encryption_limit`.
+//! `POST /v1/keys/{env}/{country}/{encrypt,decrypt,rewrap}`: the body read into the
+//! keyring's items, and the answer. One record (`{"plaintext": ...}`, `{"ciphertext": ...,
+//! "version": ...}`) or a batch (`{"batch": [...]}`, each item answered in its place). The
+//! work itself, and the encryption budget, are the keyring's (`keyring::records`).
 
-use crate::domain::Code;
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 
 use hyper::{Response, StatusCode};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
+use super::extract::{fault, Fault};
 use super::response::{self, Body};
-use crate::api::App;
-use crate::domain::crypto::{self, Format};
+use super::App;
 use crate::domain::error::{Error, Result};
-use crate::domain::DataKey;
-use crate::domain::KeyId;
-use crate::domain::KeyState;
-use crate::keyring::RecordEvent;
+use crate::domain::{Code, KeyId};
+use crate::keyring::{Items, Op, Recorded, Sealed};
+use crate::proto::{
+    max_plaintext, BatchAnswer, CipherRequest, Decrypted, EncryptRequest, Encrypted, ItemResult,
+    RecordAnswer, Rewrapped, MAX_BATCH,
+};
 
-/// Most items in one `{"batch": [...]}`.
-pub const MAX_BATCH: usize = 1000;
-
-/// JSON around the longest ciphertext in a decrypt or rewrap request: a batch of one,
-/// `{"batch":[{"ciphertext":"…","version":4294967295}]}`.
-const CIPHERTEXT_ENVELOPE: usize = 50;
-
-/// The largest plaintext (bytes of UTF-8) whose record still fits a decrypt or rewrap
-/// request (single or a batch of one) under `max_body`: what the daemon encrypts, it can
-/// always decrypt and rewrap. With the default 1 MiB this is 786,301 bytes.
-pub fn max_plaintext(max_body: usize) -> usize {
-    let b64_chars = max_body.saturating_sub(CIPHERTEXT_ENVELOPE + crypto::SDK_PREFIX.len());
-    (b64_chars / 4 * 3).saturating_sub(crypto::OVERHEAD)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Encrypt,
-    Decrypt,
-    Rewrap,
-}
-
-impl Op {
-    /// Route name for metrics labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::Encrypt => "encrypt",
-            Op::Decrypt => "decrypt",
-            Op::Rewrap => "rewrap",
-        }
-    }
-
-    fn shape(self) -> &'static str {
-        match self {
-            Op::Encrypt => "{\"plaintext\": string}",
-            Op::Decrypt | Op::Rewrap => "{\"ciphertext\": string, \"version\": integer}",
-        }
+/// What one item of `op` looks like, for error messages.
+fn shape(op: Op) -> &'static str {
+    match op {
+        Op::Encrypt => "{\"plaintext\": string}",
+        Op::Decrypt | Op::Rewrap => "{\"ciphertext\": string, \"version\": integer}",
     }
 }
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EncryptItem {
-    plaintext: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CipherItem {
-    ciphertext: String,
-    version: Option<u32>,
-}
-
-/// Counts to add once a request is done: (version, what) → n.
-type EventCounts = HashMap<(u32, RecordEvent), u64>;
 
 /// A records request body: JSON whose objects name no field twice, at any depth. (serde_json's
 /// `Value` keeps the last of two equal keys, so `{"plaintext":"a","plaintext":"b"}` would
@@ -161,230 +109,116 @@ impl<'de> Visitor<'de> for Strict {
     }
 }
 
-/// Encryptions a request may still make under the active version (taken from its durable
-/// count before the work).
-struct Budget {
-    left: u64,
-    limit: u64,
-}
-
-impl Budget {
-    /// One encryption under `version`, or 409 once the version's limit is reached.
-    fn take(&mut self, key: &KeyState, version: u32) -> Result<()> {
-        if self.left == 0 {
-            return Err(Error::conflict(
-                Code::EncryptionLimit,
-                format!(
-                    "{} version {version} has encrypted {} records, the most one version may (AES-GCM with random IVs is safe for 2^32 per key); no more are encrypted under it: rotate the key to a new version (incountry-keyd keys rotate {} {}), then encrypt or rewrap again",
-                    key.id, self.limit, key.id.env, key.id.country
-                ),
-            ));
-        }
-        self.left -= 1;
-        Ok(())
-    }
-}
-
-pub async fn handle(
+/// Answers a records request on `id`; `body` is what the body reader made of it.
+pub(super) async fn answer(
     app: &App,
     id: KeyId,
     op: Op,
     body: Option<RecordsBody>,
 ) -> Result<Response<Body>> {
-    let key = app.keyring.key(&id)?;
+    let key = app.keyring.record_key(&id)?;
     let limit = max_plaintext(app.config.load().server.max_body);
-    if let Some(p) = &key.unavailable_reason {
-        return Err(Error::unavailable(Code::RootKeyMissing, p));
-    }
     let Some(RecordsBody(Value::Object(mut body))) = body else {
         return Err(Error::bad_input(
             Code::InvalidRequest,
             format!(
                 "the body must be {} or {{\"batch\": [up to {MAX_BATCH} of them]}}",
-                op.shape()
+                shape(op)
             ),
         ));
     };
-    if body.contains_key("batch") {
-        if body.len() != 1 {
-            return Err(Error::bad_input(
-                Code::UnknownField,
-                "a batch request has the single field \"batch\"",
-            ));
-        }
-        let items = match body.remove("batch") {
-            Some(Value::Array(items)) => items,
-            _ => {
-                return Err(Error::bad_input(
-                    Code::InvalidRequest,
-                    format!("\"batch\" must be an array of {}", op.shape()),
-                ))
-            }
-        };
-        if items.len() > MAX_BATCH {
-            return Err(Error::bad_input(
-                Code::BatchTooLarge,
-                format!(
-                    "a batch holds at most {MAX_BATCH} items (got {}); split it",
-                    items.len()
-                ),
-            ));
-        }
-        let (version, mut budget) = reserve(app, &key, op, items.len() as u64).await?;
-        let worker_key = key.clone();
-        let (results, tally, budget) = tokio::task::spawn_blocking(move || {
-            let (results, tally) = run_batch(&worker_key, op, items, limit, &mut budget);
-            // AES key expansion and the cipher's moves left key bytes in finished frames.
-            crate::domain::secret::clear_stack();
-            (results, tally, budget)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("record worker: {e}")))?;
-        release(app, &key.id, version, budget);
-        count(app, &key.id, tally);
-        let failed = results.iter().filter(|r| r.get("error").is_some()).count();
-        Ok(response::json(
-            StatusCode::OK,
-            &json!({
-                "succeeded": results.len() - failed,
-                "failed": failed,
-                "results": results,
-            }),
-        ))
-    } else {
-        let (version, mut budget) = reserve(app, &key, op, 1).await?;
-        let mut tally = EventCounts::new();
-        let result = run_one(
-            &key,
-            op,
-            Value::Object(body),
-            limit,
-            &mut tally,
-            &mut budget,
-        );
-        crate::domain::secret::clear_stack();
-        release(app, &key.id, version, budget);
-        count(app, &key.id, tally);
-        Ok(response::json(StatusCode::OK, &result?))
+    if !body.contains_key("batch") {
+        let item = items(op, vec![Value::Object(body)]);
+        let done = app.keyring.record_one(&key, item, limit).await?;
+        return Ok(response::json(StatusCode::OK, &record_answer(done)));
     }
-}
-
-/// Takes up to `items` encryptions under the active version from its durable count (none
-/// for decrypt, or while the active version cannot encrypt anyway).
-async fn reserve(app: &App, key: &KeyState, op: Op, items: u64) -> Result<(u32, Budget)> {
-    let ledger = app.keyring.records().encryptions();
-    let limit = ledger.limit();
-    let active = key.active().filter(|v| v.key().is_some());
-    let (version, wanted) = match (op, active) {
-        (Op::Encrypt | Op::Rewrap, Some(v)) => (v.version, items),
-        (_, v) => (v.map_or(0, |v| v.version), 0),
+    if body.len() != 1 {
+        return Err(Error::bad_input(
+            Code::UnknownField,
+            "a batch request has the single field \"batch\"",
+        ));
+    }
+    let batch = match body.remove("batch") {
+        Some(Value::Array(batch)) => batch,
+        _ => {
+            return Err(Error::bad_input(
+                Code::InvalidRequest,
+                format!("\"batch\" must be an array of {}", shape(op)),
+            ))
+        }
     };
-    let left = app
+    if batch.len() > MAX_BATCH {
+        return Err(Error::bad_input(
+            Code::BatchTooLarge,
+            format!(
+                "a batch holds at most {MAX_BATCH} items (got {}); split it",
+                batch.len()
+            ),
+        ));
+    }
+    let results: Vec<_> = app
         .keyring
-        .reserve_encryptions(&key.id, version, wanted)
-        .await?;
-    Ok((version, Budget { left, limit }))
+        .record_batch(key, items(op, batch), limit)
+        .await?
+        .into_iter()
+        .map(|r| match r {
+            Ok(done) => ItemResult::Done(record_answer(done)),
+            Err(e) => ItemResult::Failed(response::item_error(&e)),
+        })
+        .collect();
+    let failed = results
+        .iter()
+        .filter(|r| matches!(r, ItemResult::Failed(_)))
+        .count();
+    Ok(response::json(
+        StatusCode::OK,
+        &BatchAnswer {
+            failed,
+            succeeded: results.len() - failed,
+            results,
+        },
+    ))
 }
 
-/// Gives back the encryptions a request took but did not make.
-fn release(app: &App, id: &KeyId, version: u32, budget: Budget) {
-    app.keyring
-        .records()
-        .encryptions()
-        .release(id, version, budget.left);
-}
-
-fn count(app: &App, id: &KeyId, tally: EventCounts) {
-    for ((version, what), n) in tally {
-        app.keyring.records().add(id, version, what, n);
+fn record_answer(done: Recorded) -> RecordAnswer {
+    match done {
+        Recorded::Encrypted {
+            ciphertext,
+            version,
+        } => RecordAnswer::Encrypted(Encrypted {
+            ciphertext,
+            version,
+        }),
+        Recorded::Decrypted { plaintext } => RecordAnswer::Decrypted(Decrypted { plaintext }),
+        Recorded::Rewrapped {
+            ciphertext,
+            version,
+            rewrapped,
+        } => RecordAnswer::Rewrapped(Rewrapped {
+            ciphertext,
+            rewrapped,
+            version,
+        }),
     }
 }
 
-fn run_batch(
-    key: &KeyState,
-    op: Op,
-    items: Vec<Value>,
-    limit: usize,
-    budget: &mut Budget,
-) -> (Vec<Value>, EventCounts) {
-    let mut tally = EventCounts::new();
-    let results = items
-        .into_iter()
-        .map(
-            |item| match run_one(key, op, item, limit, &mut tally, budget) {
-                Ok(v) => v,
-                Err(e) => json!({"error": {
-                    "code": e.code(),
-                    "status": response::status_of(&e).as_u16(),
-                    "message": e.to_string(),
-                }}),
-            },
-        )
-        .collect();
-    (results, tally)
-}
-
-/// One item; `limit` is the largest plaintext to encrypt (see [`max_plaintext`]); each
-/// encryption is taken from `budget`.
-fn run_one(
-    key: &KeyState,
-    op: Op,
-    item: Value,
-    limit: usize,
-    tally: &mut EventCounts,
-    budget: &mut Budget,
-) -> Result<Value> {
+/// The items of an `op` request, each parsed or the error to answer in its place.
+fn items(op: Op, values: Vec<Value>) -> Items {
+    let sealed = |v| {
+        parse::<CipherRequest>(op, v).map(|r| Sealed {
+            ciphertext: r.ciphertext,
+            version: r.version,
+        })
+    };
     match op {
-        Op::Encrypt => {
-            let item: EncryptItem = parse(op, item)?;
-            if item.plaintext.len() > limit {
-                return Err(Error::TooLarge {
-                    message: format!(
-                        "a record holds at most {limit} bytes of plaintext (so that its ciphertext fits a decrypt request under server.max_body)"
-                    ),
-                });
-            }
-            let (version, data_key) = active(key)?;
-            budget.take(key, version)?;
-            let ciphertext = crypto::encrypt(data_key.expose(), item.plaintext.as_bytes())?;
-            *tally.entry((version, RecordEvent::Encrypted)).or_default() += 1;
-            Ok(json!({"ciphertext": ciphertext, "version": version}))
-        }
-        Op::Decrypt => {
-            let item: CipherItem = parse(op, item)?;
-            let (plain, version) = open(key, &item)?;
-            let text = crypto::into_text(plain)?;
-            if let Some(v) = version {
-                *tally.entry((v, RecordEvent::Decrypted)).or_default() += 1;
-            }
-            Ok(json!({"plaintext": text.as_str()}))
-        }
-        Op::Rewrap => {
-            let item: CipherItem = parse(op, item)?;
-            let (active_version, data_key) = active(key)?;
-            let (plain, version) = open(key, &item)?;
-            if version == Some(active_version) {
-                // Already under the active version (and proven to decrypt): unchanged.
-                return Ok(json!({
-                    "ciphertext": item.ciphertext,
-                    "version": active_version,
-                    "rewrapped": false,
-                }));
-            }
-            budget.take(key, active_version)?;
-            let ciphertext = crypto::encrypt(data_key.expose(), &plain)?;
-            *tally
-                .entry((active_version, RecordEvent::Rewrapped))
-                .or_default() += 1;
-            if let Some(v) = version {
-                *tally.entry((v, RecordEvent::RewrappedAway)).or_default() += 1;
-            }
-            Ok(json!({
-                "ciphertext": ciphertext,
-                "version": active_version,
-                "rewrapped": true,
-            }))
-        }
+        Op::Encrypt => Items::Encrypt(
+            values
+                .into_iter()
+                .map(|v| parse::<EncryptRequest>(op, v).map(|r| r.plaintext))
+                .collect(),
+        ),
+        Op::Decrypt => Items::Decrypt(values.into_iter().map(sealed).collect()),
+        Op::Rewrap => Items::Rewrap(values.into_iter().map(sealed).collect()),
     }
 }
 
@@ -392,69 +226,18 @@ fn parse<T: serde::de::DeserializeOwned>(op: Op, item: Value) -> Result<T> {
     if !item.is_object() {
         return Err(Error::bad_input(
             Code::InvalidRequest,
-            format!("each item must be {}", op.shape()),
+            format!("each item must be {}", shape(op)),
         ));
     }
-    serde_json::from_value(item).map_err(|e| {
-        let msg = e.to_string();
-        // serde names unknown and missing fields; type errors may quote the value (a record),
-        // so those get the shape instead.
-        if msg.starts_with("unknown field") {
-            Error::bad_input(Code::UnknownField, msg)
-        } else if msg.starts_with("missing field") {
-            Error::bad_input(
-                Code::InvalidRequest,
-                format!("{msg}: expected {}", op.shape()),
-            )
-        } else {
-            Error::bad_input(Code::InvalidRequest, format!("expected {}", op.shape()))
+    serde_json::from_value(item).map_err(|e| match fault(&e) {
+        // serde names unknown and missing fields; type errors may quote the value (a
+        // record), so those get the shape instead.
+        Fault::UnknownField => Error::bad_input(Code::UnknownField, e),
+        Fault::MissingField => {
+            Error::bad_input(Code::InvalidRequest, format!("{e}: expected {}", shape(op)))
         }
+        _ => Error::bad_input(Code::InvalidRequest, format!("expected {}", shape(op))),
     })
-}
-
-/// The active version and its data key.
-fn active(key: &KeyState) -> Result<(u32, &Arc<DataKey>)> {
-    let v = key
-        .active()
-        .ok_or_else(|| Error::internal("key without versions"))?;
-    let dk = v.key().ok_or_else(|| {
-        Error::unavailable(
-            Code::ActiveVersionUnavailable,
-            format!(
-                "{} active version {} is unavailable; records cannot be encrypted",
-                key.id, v.version
-            ),
-        )
-    })?;
-    Ok((v.version, dk))
-}
-
-/// Decrypts a `2:` record under its version, or opens a `pt:` record (no version).
-fn open(key: &KeyState, item: &CipherItem) -> Result<(zeroize::Zeroizing<Vec<u8>>, Option<u32>)> {
-    match crypto::format_of(&item.ciphertext)? {
-        Format::Plain => Ok((crypto::open_plain(&item.ciphertext)?, None)),
-        Format::Sdk => {
-            let n = item.version.ok_or_else(|| {
-                Error::bad_input(
-                    Code::MissingVersion,
-                    "\"version\" is required: the key version travels beside a \"2:\" record",
-                )
-            })?;
-            let v = key.version(n).ok_or_else(|| {
-                Error::not_found(
-                    Code::VersionNotFound,
-                    format!("{} has no version {n}", key.id),
-                )
-            })?;
-            let dk = v.key().ok_or_else(|| {
-                Error::unavailable(
-                    Code::VersionUnavailable,
-                    format!("{} version {n} is unavailable", key.id),
-                )
-            })?;
-            Ok((crypto::decrypt(dk.expose(), &item.ciphertext)?, Some(n)))
-        }
-    }
 }
 
 #[cfg(test)]

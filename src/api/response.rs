@@ -9,6 +9,7 @@ use zeroize::Zeroizing;
 
 use crate::domain::error::Error;
 use crate::domain::Code;
+use crate::proto::{ErrorDocument, ItemError, ItemErrorBody};
 
 pub type Body = Full<Bytes>;
 
@@ -38,8 +39,20 @@ pub fn error(e: &Error) -> Response<Body> {
 
 /// An error document for failures that happen before a handler runs (HTTP-level).
 pub fn error_doc(status: StatusCode, code: Code, message: &str) -> Response<Body> {
-    let body = serde_json::json!({"error": {"code": code, "message": message}});
-    bytes(status, Bytes::from(body.to_string()))
+    // Strings and a unit enum: encoding cannot fail (and must not recurse into `error`).
+    let body = serde_json::to_vec(&ErrorDocument::new(code, message)).unwrap_or_default();
+    bytes(status, Bytes::from(body))
+}
+
+/// A failed item of a batch: its error with the status it would have had alone.
+pub fn item_error(e: &Error) -> ItemError {
+    ItemError {
+        error: ItemErrorBody {
+            code: e.code(),
+            message: e.to_string(),
+            status: status_of(e).as_u16(),
+        },
+    }
 }
 
 pub fn method_not_allowed(allow: &str) -> Response<Body> {

@@ -7,23 +7,23 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use hyper::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::{ok, Code};
 use crate::cli::client::{Client, Reply};
 use crate::config::Config;
+use crate::proto::{ConfirmRequest, Enrollment, VERIFICATION_HEADER, VOUCHER_HEADER};
 
+/// Sends an admin change, asking for a verification code on a terminal when the daemon
+/// wants one and none was given.
 pub(super) async fn admin(
     client: &Client,
     method: Method,
     path: &str,
-    mut body: Value,
+    body: &impl Serialize,
     code: Code,
 ) -> anyhow::Result<Reply> {
-    if let Some(obj) = body.as_object_mut() {
-        obj.retain(|_, v| !v.is_null());
-    }
-    let body = body.to_string().into_bytes();
+    let body = serde_json::to_vec(body)?;
     let mut code = code.code;
     loop {
         let headers = code_header(code.as_deref());
@@ -40,15 +40,15 @@ pub(super) async fn admin(
 
 /// The verification-code header, when there is a code.
 fn code_header(code: Option<&str>) -> Vec<(&'static str, &str)> {
-    code.map(|c| vec![(crate::proto::VERIFICATION_HEADER, c)])
+    code.map(|c| vec![(VERIFICATION_HEADER, c)])
         .unwrap_or_default()
 }
 
 fn wants_code(reply: &Reply) -> bool {
     reply.status == StatusCode::UNAUTHORIZED
         && reply
-            .json()
-            .is_ok_and(|d| d["error"]["code"] == "verification_required")
+            .error()
+            .is_some_and(|d| d.error.code == crate::domain::Code::VerificationRequired)
 }
 
 fn prompt(text: &str) -> anyhow::Result<String> {
@@ -74,7 +74,7 @@ pub(super) async fn totp_enroll(
     let code_uid = code_uid.map(|u| u.to_string());
     let mut headers = code_header(code.as_deref());
     if let Some(uid) = &code_uid {
-        headers.push((crate::proto::VOUCHER_HEADER, uid));
+        headers.push((VOUCHER_HEADER, uid));
     }
     let reply = ok(client
         .request(
@@ -84,10 +84,11 @@ pub(super) async fn totp_enroll(
             Some(b"{}".to_vec()),
         )
         .await?)?;
-    let doc = reply.json()?;
-    show_enrollment(doc["otpauth_uri"].as_str().unwrap_or_default());
+    let enrollment: Enrollment = reply.read()?;
+    show_enrollment(&enrollment.otpauth_uri);
+    drop(enrollment);
     let code = prompt("Code: ")?;
-    let body = json!({ "code": code }).to_string().into_bytes();
+    let body = serde_json::to_vec(&ConfirmRequest { code })?;
     ok(client
         .request(Method::POST, "/v1/admin/totp/confirm", &[], Some(body))
         .await?)?;

@@ -8,6 +8,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::HeaderMap;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+
+use crate::proto::ErrorDocument;
 
 pub struct Client {
     socket: PathBuf,
@@ -22,12 +25,11 @@ pub struct Reply {
 impl Reply {
     /// The error document's message, or the body as text.
     pub fn error_line(&self) -> String {
-        let doc: Option<serde_json::Value> = serde_json::from_slice(&self.body).ok();
-        match doc.as_ref().and_then(|d| d.get("error")) {
+        match self.error() {
             Some(e) => format!(
                 "{} ({}, HTTP {})",
-                e["message"].as_str().unwrap_or("unknown error"),
-                e["code"].as_str().unwrap_or("?"),
+                e.error.message,
+                e.error.code,
                 self.status.as_u16()
             ),
             None => format!(
@@ -38,8 +40,15 @@ impl Reply {
         }
     }
 
-    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
-        serde_json::from_slice(&self.body).context("the daemon sent a body that is not JSON")
+    /// The error document, when the body is one.
+    pub fn error(&self) -> Option<ErrorDocument> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// The body as the answer it should be.
+    pub fn read<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
+        serde_json::from_slice(&self.body)
+            .context("the daemon sent a body that is not JSON of the expected shape")
     }
 }
 

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use hyper::{Method, StatusCode};
-use serde_json::json;
 
-use super::{key_path, ok, text};
+use super::{key_path, ok, print_json};
 use crate::cli::client::Client;
+use crate::proto::{CipherRequest, Decrypted, EncryptRequest, Encrypted};
 
 pub(super) async fn encrypt(
     client: &Client,
@@ -19,17 +19,17 @@ pub(super) async fn encrypt(
     let mut plaintext = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut plaintext)
         .map_err(|_| anyhow::anyhow!("cannot read stdin as UTF-8 text (SDK records hold text)"))?;
-    let body = json!({ "plaintext": plaintext }).to_string().into_bytes();
-    drop(plaintext);
+    let body = serde_json::to_vec(&EncryptRequest { plaintext })?;
     let path = format!("{}/encrypt", key_path(env, country));
-    let doc = ok(client.request(Method::POST, &path, &[], Some(body)).await?)?.json()?;
+    let done: Encrypted =
+        ok(client.request(Method::POST, &path, &[], Some(body)).await?)?.read()?;
     if as_json {
-        println!("{doc}");
+        print_json(&done)?;
     } else {
-        println!("{}", text(&doc["ciphertext"]));
+        println!("{}", done.ciphertext);
         eprintln!(
             "incountry-keyd: encrypted with {env}/{country} version {}",
-            text(&doc["version"])
+            done.version
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -43,13 +43,15 @@ pub(super) async fn decrypt(
 ) -> anyhow::Result<ExitCode> {
     let mut record = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut record)?;
-    let body = json!({ "ciphertext": record.trim(), "version": version })
-        .to_string()
-        .into_bytes();
+    let body = serde_json::to_vec(&CipherRequest {
+        ciphertext: record.trim().to_string(),
+        version,
+    })?;
     let path = format!("{}/decrypt", key_path(env, country));
-    let doc = ok(client.request(Method::POST, &path, &[], Some(body)).await?)?.json()?;
+    let done: Decrypted =
+        ok(client.request(Method::POST, &path, &[], Some(body)).await?)?.read()?;
     let mut out = std::io::stdout().lock();
-    out.write_all(doc["plaintext"].as_str().unwrap_or("").as_bytes())?;
+    out.write_all(done.plaintext.as_bytes())?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -7,20 +7,20 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use hyper::{Method, StatusCode};
-use serde_json::json;
-use zeroize::Zeroizing;
+use hyper::StatusCode;
+use serde::Serialize;
 
 mod admin;
 mod audit;
 pub mod client;
 mod data;
+mod keys;
 pub mod rewrap;
 mod table;
 
-use admin::{admin, totp_bootstrap, totp_enroll, totp_reset};
+use admin::{totp_bootstrap, totp_enroll, totp_reset};
 use data::{decrypt, encrypt, secrets};
-use table::{print_key, print_key_list, text};
+use keys::keys;
 
 use crate::cli::client::{Client, Reply};
 use crate::config::{self, Config};
@@ -219,28 +219,6 @@ impl AwsArgs {
     }
 }
 
-/// Reads the IAM secret key: the file's first line.
-fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
-    use std::io::Read;
-    let mut text = Zeroizing::new(String::new());
-    if path == Path::new("-") {
-        std::io::stdin().read_to_string(&mut text).map_err(|e| {
-            anyhow::anyhow!("cannot read the IAM secret key from standard input: {e}")
-        })?;
-    } else {
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_to_string(&mut text))
-            .map_err(|e| {
-                anyhow::anyhow!("cannot read --secret-key-file {}: {e}", path.display())
-            })?;
-    }
-    let secret = Zeroizing::new(text.lines().next().unwrap_or("").trim().to_string());
-    if secret.is_empty() {
-        bail!("--secret-key-file {} is empty", path.display());
-    }
-    Ok(secret)
-}
-
 #[derive(clap::Args)]
 pub(super) struct Code {
     /// Verification code (TOTP) for admin changes.
@@ -383,93 +361,11 @@ async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Resu
     }
 }
 
-async fn keys(client: &Client, cmd: KeysCmd, as_json: bool) -> anyhow::Result<ExitCode> {
-    let reply = match cmd {
-        KeysCmd::List => {
-            let reply = ok(client.request(Method::GET, "/v1/keys", &[], None).await?)?;
-            if !as_json {
-                print_key_list(&reply.json()?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            reply
-        }
-        KeysCmd::Show { env, country } => {
-            let reply = ok(client
-                .request(Method::GET, &key_path(&env, &country), &[], None)
-                .await?)?;
-            if !as_json {
-                print_key(&reply.json()?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            reply
-        }
-        KeysCmd::Create {
-            env,
-            country,
-            kind,
-            rotation_period_days,
-            aws,
-            code,
-        } => {
-            let body = if kind == "aws" {
-                let Some(secret_file) = &aws.secret_key_file else {
-                    bail!("--type aws needs --secret-key-file (the secret key is never taken on the command line)");
-                };
-                let secret = read_secret_file(secret_file)?;
-                json!({
-                    "type": kind,
-                    "rotation_period_days": rotation_period_days,
-                    "region": aws.region,
-                    "encrypted_key": aws.encrypted_key,
-                    "cmk_arn": aws.cmk_arn,
-                    "access_key_id": aws.access_key_id,
-                    "secret_access_key": secret.as_str(),
-                })
-            } else {
-                if aws.given() {
-                    bail!("--region, --encrypted-key, --cmk-arn, --access-key-id and --secret-key-file apply only to --type aws");
-                }
-                json!({"type": kind, "rotation_period_days": rotation_period_days})
-            };
-            admin(client, Method::POST, &key_path(&env, &country), body, code).await?
-        }
-        KeysCmd::Rotate {
-            env,
-            country,
-            rotation_period_days,
-            code,
-        } => {
-            let body = match rotation_period_days {
-                Some(d) => json!({ "rotation_period_days": d }),
-                None => json!({}),
-            };
-            let path = format!("{}/rotate", key_path(&env, &country));
-            admin(client, Method::POST, &path, body, code).await?
-        }
-        KeysCmd::Settings {
-            env,
-            country,
-            rotation_period_days,
-            code,
-        } => {
-            let body = json!({ "rotation_period_days": rotation_period_days });
-            admin(client, Method::PATCH, &key_path(&env, &country), body, code).await?
-        }
-    };
-    let doc = reply.json()?;
-    if as_json {
-        println!("{doc}");
-    } else if let Some(v) = doc.get("version") {
-        println!(
-            "{}/{}: version {v} ({}) is active",
-            doc["environment"].as_str().unwrap_or("?"),
-            doc["country"].as_str().unwrap_or("?"),
-            doc["type"].as_str().unwrap_or("?")
-        );
-    } else {
-        print_key(&doc);
-    }
-    Ok(ExitCode::SUCCESS)
+/// `--json` output: one line, keys in alphabetical order (as this CLI has always printed
+/// them, whatever order the daemon's answer has).
+pub(super) fn print_json<T: Serialize>(doc: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_value(doc)?);
+    Ok(())
 }
 
 pub(super) fn ok(reply: Reply) -> anyhow::Result<Reply> {

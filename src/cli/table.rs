@@ -1,13 +1,10 @@
 //! Tables for people: `keys show` as the portal shows it, and `keys list`.
 
-use serde_json::Value;
+use crate::proto::{KeyDocument, KeyList};
 
-pub(super) fn text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// An optional number as a cell: empty when absent.
+fn cell<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_default()
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
@@ -36,33 +33,30 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub(super) fn print_key(doc: &Value) {
+pub(super) fn print_key(key: &KeyDocument) {
     println!(
         "{}/{}  rotation period: {} months",
-        text(&doc["environment"]),
-        text(&doc["country"]),
-        text(&doc["rotation_period_months"])
+        key.environment,
+        key.country,
+        cell(key.rotation_period_months)
     );
-    if let Some(problem) = doc["problem"].as_str() {
+    if let Some(problem) = &key.problem {
         println!("PROBLEM: {problem}");
     }
-    let rows: Vec<Vec<String>> = doc["versions"]
-        .as_array()
-        .map(|vs| {
-            vs.iter()
-                .rev()
-                .map(|v| {
-                    vec![
-                        text(&v["version"]),
-                        text(&v["type"]),
-                        text(&v["rotation_period_months"]),
-                        text(&v["created"]),
-                        text(&v["status"]),
-                    ]
-                })
-                .collect()
+    let rows: Vec<Vec<String>> = key
+        .versions
+        .iter()
+        .rev()
+        .map(|v| {
+            vec![
+                v.version.to_string(),
+                v.kind.as_str().to_string(),
+                cell(v.rotation_period_months),
+                v.created.clone(),
+                v.status.to_string(),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     print_table(
         &[
             "VERSION",
@@ -75,23 +69,20 @@ pub(super) fn print_key(doc: &Value) {
     );
 }
 
-pub(super) fn print_key_list(doc: &Value) {
-    let rows: Vec<Vec<String>> = doc["keys"]
-        .as_array()
-        .map(|ks| {
-            ks.iter()
-                .map(|k| {
-                    vec![
-                        text(&k["environment"]),
-                        text(&k["country"]),
-                        text(&k["active_version"]),
-                        text(&k["versions"]),
-                        text(&k["rotation_period_months"]),
-                    ]
-                })
-                .collect()
+pub(super) fn print_key_list(list: &KeyList) {
+    let rows: Vec<Vec<String>> = list
+        .keys
+        .iter()
+        .map(|k| {
+            vec![
+                k.environment.clone(),
+                k.country.clone(),
+                cell(k.active_version),
+                k.versions.to_string(),
+                cell(k.rotation_period_months),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     print_table(
         &[
             "ENVIRONMENT",

@@ -14,13 +14,15 @@ pub mod id;
 pub mod limits;
 pub mod secret;
 pub mod snapshot;
+pub mod verification;
 pub mod version;
 
-pub use aws::AwsKeyRef;
+pub use aws::{AwsHealth, AwsKeyRef, AwsProblem, AwsState, AwsStatus};
 pub use caller::Caller;
 pub use code::Code;
 pub use error::{Error, Result};
 pub use id::KeyId;
 pub use secret::{DataKey, DATA_KEY_LEN};
 pub use snapshot::{Availability, KeyState, Snapshot, VersionState, VersionStatus};
+pub use verification::VerificationMode;
 pub use version::{Initiator, VersionType};

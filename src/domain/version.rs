@@ -2,9 +2,12 @@
 
 use super::error::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// On the wire (the `type` of a version) and in the state, by `as_str`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VersionType {
+    #[serde(rename = "incountry-managed")]
     Managed,
+    #[serde(rename = "aws")]
     Aws,
 }
 

@@ -6,9 +6,11 @@ pub mod anchor;
 mod aws;
 mod counters;
 mod ledger;
+pub mod records;
 
 pub use aws::{AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
 pub use counters::{CounterValues, RecordCounters, RecordEvent};
+pub use records::{Items, Op, Recorded, Sealed};
 
 use crate::domain::Code;
 use std::collections::BTreeMap;
@@ -69,13 +71,12 @@ pub struct NewVersion {
 }
 
 /// What an admin change made.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct AddedVersion {
     pub environment: String,
     pub country: String,
     pub version: u32,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: VersionType,
     pub created: String,
     pub key_created: bool,
 }
@@ -304,7 +305,7 @@ impl Keyring {
             environment: id.env.clone(),
             country: id.country.clone(),
             version,
-            kind: kind.as_str(),
+            kind,
             created: rfc3339(now.unix_timestamp()),
             key_created: version == 1,
         })

@@ -1,20 +1,7 @@
-//! Unit tests of the record handlers: size bounds, duplicate fields, the encryption budget.
+//! Unit tests of the records body: duplicate fields at any depth, and each item's parse
+//! errors (codes and messages that never quote a record).
 
 use super::*;
-
-#[test]
-fn largest_record_fits_a_batch_of_one() {
-    let max_body = 1024 * 1024;
-    let n = max_plaintext(max_body);
-    assert_eq!(n, 786_301);
-    let ct = crypto::encrypt(&[3u8; 32], &vec![b'a'; n]).unwrap();
-    let request = json!({"batch": [{"ciphertext": ct, "version": u32::MAX}]}).to_string();
-    assert!(request.len() <= max_body, "{}", request.len());
-    let ct = crypto::encrypt(&[3u8; 32], &vec![b'a'; n + 3]).unwrap();
-    let request = json!({"batch": [{"ciphertext": ct, "version": u32::MAX}]}).to_string();
-    assert!(request.len() > max_body);
-    assert_eq!(max_plaintext(10), 0);
-}
 
 #[test]
 fn a_field_twice_is_refused_at_any_depth() {
@@ -28,7 +15,7 @@ fn a_field_twice_is_refused_at_any_depth() {
     ] {
         let e = parse(dup).unwrap_err();
         assert!(e.to_string().starts_with("duplicate field"), "{dup}: {e}");
-        assert_eq!(e.classify(), serde_json::error::Category::Data, "{dup}");
+        assert_eq!(fault(&e), Fault::DuplicateField, "{dup}");
     }
     let e = parse(&format!(r#"{{"{0}":1,"{0}":2}}"#, "k".repeat(100))).unwrap_err();
     assert!(!e.to_string().contains("kkkk"), "{e}");
@@ -46,31 +33,56 @@ fn a_field_twice_is_refused_at_any_depth() {
             "{ok}"
         );
     }
-    assert_eq!(
-        parse("{\"a\":").unwrap_err().classify(),
-        serde_json::error::Category::Eof
-    );
+    assert_eq!(fault(&parse("{\"a\":").unwrap_err()), Fault::Syntax);
+}
+
+fn item_error(op: Op, item: &str) -> Error {
+    let value: Value = serde_json::from_str(item).unwrap();
+    let errors: Vec<Error> = match items(op, vec![value]) {
+        Items::Encrypt(v) => v.into_iter().filter_map(|r| r.err()).collect(),
+        Items::Decrypt(v) | Items::Rewrap(v) => v.into_iter().filter_map(|r| r.err()).collect(),
+    };
+    errors.into_iter().next().expect("the item should fail")
 }
 
 #[test]
-fn budget_refuses_once_spent() {
-    let id = KeyId::parse("p", "DE").unwrap();
-    let key = KeyState {
-        id,
-        rotation_period_days: Some(30),
-        created: 0,
-        unavailable_reason: None,
-        versions: Vec::new(),
-    };
-    let mut b = Budget { left: 2, limit: 8 };
-    b.take(&key, 3).unwrap();
-    b.take(&key, 3).unwrap();
-    let e = b.take(&key, 3).unwrap_err();
-    assert_eq!(e.code(), crate::domain::Code::EncryptionLimit);
-    assert_eq!(response::status_of(&e), StatusCode::CONFLICT);
-    let msg = e.to_string();
-    assert!(
-        msg.contains("p/DE version 3") && msg.contains("rotate"),
-        "{msg}"
+fn items_fail_with_their_code_and_the_expected_shape() {
+    let e = item_error(Op::Encrypt, r#"{"plaintext":"a","x":1}"#);
+    assert_eq!(e.code(), Code::UnknownField);
+    assert!(e.to_string().starts_with("unknown field `x`"), "{e}");
+
+    let e = item_error(Op::Decrypt, r#"{"version":1}"#);
+    assert_eq!(e.code(), Code::InvalidRequest);
+    assert_eq!(
+        e.to_string(),
+        "missing field `ciphertext`: expected {\"ciphertext\": string, \"version\": integer}"
     );
+
+    // A type error quotes the value: only the shape is said.
+    let e = item_error(
+        Op::Rewrap,
+        r#"{"ciphertext":"2:secret","version":"2:secret"}"#,
+    );
+    assert_eq!(e.code(), Code::InvalidRequest);
+    assert!(!e.to_string().contains("secret"), "{e}");
+
+    let e = item_error(Op::Encrypt, r#"["a"]"#);
+    assert_eq!(e.code(), Code::InvalidRequest);
+    assert_eq!(e.to_string(), "each item must be {\"plaintext\": string}");
+}
+
+#[test]
+fn items_parse_into_the_operation_of_the_route() {
+    let values = vec![
+        serde_json::json!({"ciphertext": "2:x", "version": 3}),
+        serde_json::json!({"ciphertext": "pt:eA=="}),
+    ];
+    match items(Op::Rewrap, values) {
+        Items::Rewrap(v) => {
+            let v: Vec<Sealed> = v.into_iter().map(|r| r.unwrap()).collect();
+            assert_eq!((v[0].ciphertext.as_str(), v[0].version), ("2:x", Some(3)));
+            assert_eq!((v[1].ciphertext.as_str(), v[1].version), ("pt:eA==", None));
+        }
+        _ => panic!("expected rewrap items"),
+    }
 }

@@ -48,6 +48,7 @@ use crate::kms::{AwsKeyRef, KmsError};
 use crate::store::StoredAws;
 
 pub(super) use self::check::mark_checked;
+pub use crate::domain::aws::{AwsHealth, AwsProblem, AwsState, AwsStatus};
 
 /// The code of a version whose data key or KMS parameters are not those it was registered
 /// with.
@@ -96,55 +97,6 @@ pub(super) struct Checks {
 pub struct RevalidateSettings {
     pub interval: Duration,
     pub max_stale: Duration,
-}
-
-/// What health shows about aws versions.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct AwsHealth {
-    pub status: AwsStatus,
-    pub versions: usize,
-    pub problems: Vec<AwsProblem>,
-}
-
-/// The aws versions taken together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AwsStatus {
-    /// Every aws version passed its last check.
-    Ok,
-    /// A check failed (see `problems`).
-    Degraded,
-    /// No aws versions.
-    None,
-}
-
-/// What is wrong with one aws version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AwsState {
-    /// KMS refuses it: not served.
-    Revoked,
-    /// The data key or the stored KMS fields are not those registered: not served.
-    Mismatch,
-    /// KMS cannot be reached; the cached key still serves.
-    Unreachable,
-    /// No successful check within aws.max_stale, or none since the daemon started: not
-    /// served.
-    Stale,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct AwsProblem {
-    pub key: String,
-    pub version: u32,
-    pub state: AwsState,
-    /// The refusal's code (`aws_key_disabled`, `aws_key_mismatch`, ...), `kms_unavailable`
-    /// or `aws_key_stale`.
-    pub code: Code,
-    pub error: String,
-    /// RFC 3339; null when no check has succeeded since the daemon started.
-    pub last_success: Option<String>,
-    pub failures: u32,
 }
 
 /// One aws version read from state: its IAM secret opened by the HSM. The data key comes
