@@ -18,7 +18,10 @@
 //! `api::extract`) → `verify` (admin codes) → `keyring` (records too) → `hsm` / `store` /
 //! `kms`; the answer is a `proto` type.
 
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod domain;
 
