@@ -3,8 +3,8 @@
 use base64::Engine;
 use serde_json::json;
 
-use crate::common::{http, Daemon, Options};
 use crate::scan::{self, check, wait_connections_closed, Needle};
+use harness::{request, Daemon, Options};
 
 fn options() -> Options {
     Options {
@@ -56,7 +56,7 @@ fn serve_and_rotate(d: &Daemon) -> serde_json::Value {
         .to_string();
     let socket = d.socket.clone();
     let poll = std::thread::spawn(move || {
-        http(
+        request(
             &socket,
             "GET",
             "/v1/keys/prod/DE/secrets?wait=30",

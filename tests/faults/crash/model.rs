@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use crate::common::Daemon;
-use crate::support::{audit_verify, secret_fingerprints, try_http};
+use harness::{try_request, Daemon};
+
+use crate::support::{audit_verify, secret_fingerprints};
 
 use super::{Change, Op, Outcome, COUNTRIES, ENV};
 
@@ -135,7 +136,7 @@ pub fn check_state(
     totals: &mut Totals,
 ) {
     let get = |path: &str| {
-        let a = try_http(&d.socket, "GET", path, None, Duration::from_secs(20))
+        let a = try_request(&d.socket, "GET", path, &[], b"", Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
         assert_eq!(a.status, 200, "GET {path}: {}", a.text());
         a.json()
