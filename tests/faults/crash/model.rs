@@ -32,7 +32,7 @@ pub struct Totals {
     /// Versions that appeared after a restart without an acknowledgement (committed, but
     /// the answer was lost to the kill).
     pub unacked_applied: usize,
-    /// Why the last request of a cycle failed, by kind ("connect", "read", ...).
+    /// Why the last request of a cycle failed, by its innermost cause.
     pub lost_by: BTreeMap<String, usize>,
     pub audit_entries: u64,
 }
@@ -97,9 +97,11 @@ pub fn apply_ops(
             }
             (Outcome::Lost(why), change) => {
                 totals.lost += 1;
+                // The innermost cause: the last of the error chain, without its os error.
                 let kind = why
-                    .split([':', '('])
+                    .rsplit(": ")
                     .next()
+                    .and_then(|cause| cause.split('(').next())
                     .unwrap_or(why)
                     .trim()
                     .to_string();
