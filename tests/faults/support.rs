@@ -6,10 +6,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use harness::{bin, Daemon, Options};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-
-use harness::{bin, Daemon, Options};
 
 // ---------------------------------------------------------------------------------------
 // The daemon

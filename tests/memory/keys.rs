@@ -1,10 +1,10 @@
 //! Data keys: served, used for records, rotated, loaded again after a restart.
 
 use base64::Engine;
+use harness::{request, Daemon, Options};
 use serde_json::json;
 
 use crate::scan::{self, check, wait_connections_closed, Needle};
-use harness::{request, Daemon, Options};
 
 fn options() -> Options {
     Options {
