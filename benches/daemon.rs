@@ -2,13 +2,10 @@
 //! and memory, each as a ratio against a baseline measured in the same run (an empty daemon;
 //! a request that does no work). Run: `cargo bench --bench daemon`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::{Daemon, Options};
 
 const KEYS: usize = 50;
 const VERSIONS: usize = 10;

@@ -3,13 +3,10 @@
 //! had the new document (the rotation itself included: HSM, fsync), and the daemon's memory
 //! while N wait, as ratios against one waiter and an idle daemon measured in the same run. Run: `cargo bench --bench longpoll`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::{Daemon, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAITERS: [usize; 4] = [1, 100, 1000, 5000];

@@ -3,13 +3,11 @@
 //! rewritten audit log fails its MACs; a state ahead of the anchor (a crash between a
 //! commit and the anchor's update) is accepted and the anchor caught up.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, BIN};
+use harness::{bin, copy_tree, Daemon, Options, Token};
 use sha2::{Digest, Sha256};
 
 fn options() -> Options {
@@ -22,7 +20,7 @@ fn options() -> Options {
 
 /// `audit verify` with the HSM (`--config`): (passed, stdout).
 fn verify(d: &Daemon) -> (bool, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--config")
         .arg(&d.config)
         .args(["audit", "verify"])
@@ -39,7 +37,7 @@ fn verify(d: &Daemon) -> (bool, String) {
 
 /// `audit verify --state-dir` alone: the chain only.
 fn verify_chain_only(d: &Daemon) -> (bool, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["audit", "verify", "--state-dir"])
         .arg(d.tmp.path().join("state"))
         .output()
@@ -242,17 +240,6 @@ fn a_rewritten_audit_log_fails_its_macs() {
     );
 }
 
-/// `cp -a from to`.
-fn copy_tree(from: &Path, to: &Path) {
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success());
-}
-
 /// The token as it was before the last change: an anchor that lags the state by that
 /// change, as a crash between its commit and the anchor's update leaves it.
 fn lagging_anchor(d: Daemon, change: impl FnOnce(&Daemon)) -> Daemon {
@@ -315,9 +302,9 @@ fn another_token_is_refused_at_start() {
     // The config names the PIN of a new token, without the audit MAC key or the anchors.
     let other = d.tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    let own = std::mem::replace(&mut d.token, common::Token::new(&other));
+    let own = std::mem::replace(&mut d.token, Token::new(&other));
     let cfg = std::fs::read_to_string(&d.config).unwrap();
-    let pin = |t: &common::Token| t.pin_file().to_str().unwrap().to_string();
+    let pin = |t: &Token| t.pin_file().to_str().unwrap().to_string();
     std::fs::write(&d.config, cfg.replace(&pin(&own), &pin(&d.token))).unwrap();
     let line = refused_start(&d);
     assert!(

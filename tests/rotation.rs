@@ -1,19 +1,18 @@
 //! Timer rotation, change propagation and the audit log, with the daemon's test clock.
 
-mod common;
-
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::*;
+use harness::{bin, needs_test_clock, wait_until, Daemon, Options};
 use serde_json::json;
 
 const DAY: i64 = 86_400;
 
 #[test]
 fn thirty_day_key_rotates_exactly_once() {
+    needs_test_clock!();
     let d = Daemon::start();
     assert_eq!(d.create_managed("prod", "DE", 30).status, 201);
     let show = d.get("/v1/keys/prod/DE").json();
@@ -61,6 +60,7 @@ fn thirty_day_key_rotates_exactly_once() {
 
 #[test]
 fn down_for_100_days_rotates_once_at_start() {
+    needs_test_clock!();
     let mut d = Daemon::start();
     assert_eq!(d.create_managed("prod", "FR", 30).status, 201);
     assert!(d.stop().success());
@@ -79,6 +79,7 @@ fn down_for_100_days_rotates_once_at_start() {
 
 #[test]
 fn shorter_period_rotates_promptly() {
+    needs_test_clock!();
     let d = Daemon::start();
     assert_eq!(d.create_managed("prod", "IT", 360).status, 201);
     d.advance_and_settle(40 * DAY);
@@ -108,8 +109,7 @@ fn long_poll_wakes_on_rotation_and_times_out_without_change() {
         .to_string();
 
     // No change: 304 after the wait.
-    let r = http(
-        &d.socket,
+    let r = d.request_with(
         "GET",
         "/v1/keys/prod/ES/secrets?wait=1",
         &[("If-None-Match", &etag)],
@@ -117,8 +117,7 @@ fn long_poll_wakes_on_rotation_and_times_out_without_change() {
     );
     assert_eq!(r.status, 304);
     // Without wait: 304 at once.
-    let r = http(
-        &d.socket,
+    let r = d.request_with(
         "GET",
         "/v1/keys/prod/ES/secrets",
         &[("If-None-Match", &etag)],
@@ -130,8 +129,7 @@ fn long_poll_wakes_on_rotation_and_times_out_without_change() {
         let d = d.clone();
         let etag = etag.clone();
         std::thread::spawn(move || {
-            let r = http(
-                &d.socket,
+            let r = d.request_with(
                 "GET",
                 "/v1/keys/prod/ES/secrets?wait=60",
                 &[("If-None-Match", &etag)],
@@ -219,7 +217,7 @@ fn rotations_under_read_load_are_consistent() {
 }
 
 fn audit_verify(d: &Daemon) -> (bool, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["audit", "verify", "--state-dir"])
         .arg(d.tmp.path().join("state"))
         .output()
@@ -232,6 +230,7 @@ fn audit_verify(d: &Daemon) -> (bool, String) {
 
 #[test]
 fn audit_chain_verifies_and_detects_edits_and_deletions() {
+    needs_test_clock!();
     let d = Daemon::start();
     assert_eq!(d.create_managed("prod", "SE", 30).status, 201);
     assert_eq!(d.rotate("prod", "SE").status, 429); // refused: audited
@@ -301,7 +300,7 @@ fn secrets_watch_prints_each_new_document() {
         ..Options::default()
     });
     assert_eq!(d.create_managed("prod", "PT", 30).status, 201);
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .arg("--socket")
         .arg(&d.socket)
         .args(["secrets", "prod", "PT", "--watch"])
@@ -322,6 +321,7 @@ fn secrets_watch_prints_each_new_document() {
 
 #[test]
 fn timer_rotations_do_not_count_against_the_daily_limit() {
+    needs_test_clock!();
     let d = Daemon::start(); // versions_per_day = 1
     assert_eq!(d.create_managed("prod", "AT", 30).status, 201);
     d.advance_and_settle(30 * DAY);

@@ -2,15 +2,13 @@
 //! peers without a role, roles checked on every request, file modes, what health tells a
 //! peer without a role. Each starts the real binary against a fresh SoftHSM token.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, Options};
+use harness::{needs_test_clock, wait_until, Daemon, Options};
 
 fn options() -> Options {
     Options {
@@ -89,7 +87,7 @@ fn a_change_whose_client_went_away_is_still_served() {
         drop(s);
     }
     // Every committed version is served, so the next rotation is next after them all.
-    common::wait_until("the dropped rotations to settle", 10, || {
+    wait_until("the dropped rotations to settle", 10, || {
         let n = d.versions("prod", "DE").len();
         std::thread::sleep(Duration::from_millis(200));
         n == d.versions("prod", "DE").len()
@@ -107,6 +105,7 @@ fn a_change_whose_client_went_away_is_still_served() {
 
 #[test]
 fn refusals_without_a_role_are_summarized_in_the_audit() {
+    needs_test_clock!();
     let d = Daemon::prepare(Options {
         readers: vec!["uid:65534".into()],
         ..options()
@@ -156,7 +155,7 @@ fn reload_with_readers(d: &Daemon, readers: &str) {
     let cfg = format!("{}readers = [{readers}]{}", &cfg[..start], &cfg[end..]);
     std::fs::write(&d.config, cfg).unwrap();
     d.signal("HUP");
-    common::wait_until("the reload", 10, || {
+    wait_until("the reload", 10, || {
         d.log_text().matches("configuration reloaded").count() >= 1
     });
 }
@@ -202,7 +201,7 @@ print(result['poll'], flush=True)
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "waiting");
-    common::wait_until("the long poll to wait", 10, || {
+    wait_until("the long poll to wait", 10, || {
         d.get("/metrics").text().contains("keyd_secrets_waiters 1")
     });
     reload_with_readers(&d, "");

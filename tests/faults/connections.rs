@@ -6,8 +6,10 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, Daemon};
-use crate::support::{assert_reads_served, options, read_response, server_settings};
+use harness::raw::read_response;
+use harness::{wait_until, Daemon};
+
+use crate::support::{assert_reads_served, options, server_settings};
 
 /// A hostile uid that opens connections and holds them with unfinished requests, as a
 /// separate process.
@@ -182,8 +184,7 @@ fn slow_bodies_get_408_and_headers_are_bounded() {
         .unwrap()
         .to_string();
     let t = Instant::now();
-    let r = common::http(
-        &d.socket,
+    let r = d.request_with(
         "GET",
         "/v1/keys/prod/DE/secrets?wait=2",
         &[("If-None-Match", &etag)],
@@ -213,7 +214,7 @@ fn memory_of_a_connection_burst_is_given_back() {
         s.write_all(&filler).unwrap();
         conns.push(s);
     }
-    common::wait_until("the burst read", 30, || d.rss_kib() > idle + 10_000);
+    wait_until("the burst read", 30, || d.rss_kib() > idle + 10_000);
     assert_reads_served(&d, 1);
     let peak = d.rss_kib();
     drop(conns);

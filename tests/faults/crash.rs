@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{Daemon, Options};
-use crate::support::{seed, tail, token_files, try_http, Rng};
+use harness::{try_request, Daemon, Options};
+
+use crate::support::{seed, tail, token_files, Rng};
 use model::{apply_ops, check_state, Fingerprints, KeyModel, Totals};
 
 const ENV: &str = "crash";
@@ -90,11 +91,12 @@ impl Proc {
                     failure_note(d)
                 );
             }
-            if let Ok(a) = try_http(
+            if let Ok(a) = try_request(
                 &d.socket,
                 "GET",
                 "/v1/health",
-                None,
+                &[],
+                b"",
                 Duration::from_secs(10),
             ) {
                 if a.status == 200 {
@@ -177,12 +179,13 @@ fn client(socket: PathBuf, mut rng: Rng) -> Vec<Op> {
             Change::Settings(days) => ("PATCH", key, Some(json!({ "rotation_period_days": days }))),
             Change::Read => ("GET", format!("{key}/secrets"), None),
         };
-        let body = body.map(|b| b.to_string());
-        let result = try_http(
+        let body = body.map_or_else(String::new, |b| b.to_string());
+        let result = try_request(
             &socket,
             method,
             &path,
-            body.as_deref().map(str::as_bytes),
+            &[],
+            body.as_bytes(),
             Duration::from_secs(20),
         );
         let (outcome, stop) = match result {

@@ -5,7 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::Daemon;
+use harness::Daemon;
+
 use crate::support::{assert_reads_served, audit_verify, health, options};
 
 /// Unmounts the tmpfs when the test ends, however it ends.

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::Daemon;
-use crate::support::{alive, audit_verify, secret_fingerprints, seed, tail, try_http, Rng};
+use harness::{try_request, Daemon};
+
+use crate::support::{alive, audit_verify, secret_fingerprints, seed, tail, Rng};
 
 const HENV: &str = "hostile";
 /// Malformed requests to send (each counted once, whether alone on its connection or a
@@ -160,11 +161,12 @@ fn probe(socket: &Path, fp_v1: &str, n: usize) {
     // One request on the probe key (`body`: a POST), answered 200 with JSON.
     let call = |op: &str, body: Option<&[u8]>| -> Value {
         let method = if body.is_some() { "POST" } else { "GET" };
-        let a = try_http(
+        let a = try_request(
             socket,
             method,
             &probe_path(op),
-            body,
+            &[],
+            body.unwrap_or_default(),
             Duration::from_secs(30),
         )
         .unwrap_or_else(|e| panic!("probe {n}: {op}: {e}"));

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{Daemon, Reply};
+use harness::{copy_tree, Daemon, Reply};
+
 use crate::support::{
     assert_reads_served, health, options, rotate_until_ok, token_dir, token_files,
 };
@@ -201,17 +202,6 @@ fn is_aes_key(file: &[u8]) -> bool {
         .flat_map(|v| v.to_be_bytes())
         .collect();
     file.windows(pattern.len()).any(|w| w == pattern)
-}
-
-/// `cp -a from to`.
-fn copy_tree(from: &Path, to: &Path) {
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success());
 }
 
 #[test]

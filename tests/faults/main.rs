@@ -11,14 +11,11 @@
 //! - `hostile`: hostile clients sending malformed HTTP and JSON (the daemon stays up, answers
 //!   well-formed requests correctly, does not panic, and its memory stays bounded); the
 //!   malformed requests in `hostile/head.rs`, `hostile/framing.rs` and `hostile/json.rs`;
-//! - `support`: what they share.
+//! - `support`: what they share (besides the `harness` crate).
 //!
 //! Randomness comes from a small deterministic PRNG seeded from the time; the seed is printed
 //! and `KEYD_FAULT_SEED=N` replays a run's choices (the kill moments themselves still depend
 //! on scheduling). What is asserted never depends on timing, except generous liveness limits.
-
-#[path = "../common/mod.rs"]
-mod common;
 
 mod connections;
 mod crash;

@@ -1,17 +1,14 @@
-//! What the fault tests share: daemon options and checks, `audit verify`, HTTP on a raw
-//! socket, the seeded PRNG, key fingerprints and the SoftHSM token's files.
+//! What the fault tests share: daemon options and checks, `audit verify`, the seeded PRNG,
+//! key fingerprints and the SoftHSM token's files.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use harness::{bin, Daemon, Options};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-
-use crate::common::{Daemon, Options, Reply, BIN};
 
 // ---------------------------------------------------------------------------------------
 // The daemon
@@ -68,7 +65,7 @@ pub fn rotate_until_ok(d: &Daemon, limit: Duration) -> Duration {
 /// the chain, the MACs and the state against the HSM anchor pass, and returns how many
 /// entries the log has.
 pub fn audit_verify(d: &Daemon) -> u64 {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--config")
         .arg(&d.config)
         .args(["audit", "verify"])
@@ -127,115 +124,6 @@ pub fn token_files(tokens: &Path) -> Vec<std::fs::DirEntry> {
         .flat_map(|token| std::fs::read_dir(token.path()).into_iter().flatten())
         .flatten()
         .collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// HTTP on a raw socket
-// ---------------------------------------------------------------------------------------
-
-/// The head of an HTTP response.
-struct Head {
-    status: u16,
-    headers: Vec<(String, String)>,
-    /// Where the body starts in the raw bytes.
-    body_at: usize,
-}
-
-impl Head {
-    fn content_length(&self) -> Option<usize> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.parse().ok())
-    }
-}
-
-/// The head at the start of `raw`: `Ok(None)` while it is incomplete.
-fn parse_head(raw: &[u8]) -> Result<Option<Head>, String> {
-    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Ok(Some(Head {
-        status,
-        headers,
-        body_at: split + 4,
-    }))
-}
-
-/// One request on a fresh connection that never panics: `Err` when the connection fails or
-/// the answer is incomplete (no head, or fewer body bytes than its Content-Length).
-pub fn try_http(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<Reply, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s.set_write_timeout(Some(timeout)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if body.is_some() || method != "GET" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.map_or(0, <[u8]>::len)
-        ));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body.unwrap_or_default());
-    s.write_all(&bytes).map_err(|e| format!("write: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
-    parse_complete(raw)
-}
-
-/// A whole answer read to the end of the connection.
-fn parse_complete(mut raw: Vec<u8>) -> Result<Reply, String> {
-    let head =
-        parse_head(&raw)?.ok_or_else(|| format!("no complete head ({} bytes)", raw.len()))?;
-    let body = raw.split_off(head.body_at);
-    match head.content_length() {
-        Some(n) if n == body.len() => {}
-        Some(n) => return Err(format!("body {} of {n} bytes", body.len())),
-        None if matches!(head.status, 204 | 304) => {}
-        None => return Err("no Content-Length".into()),
-    }
-    Ok(Reply {
-        status: head.status,
-        headers: head.headers,
-        body,
-    })
-}
-
-/// Reads one HTTP response with a Content-Length body from a keep-alive connection.
-pub fn read_response(s: &mut UnixStream) -> std::io::Result<String> {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        raw.extend_from_slice(&buf[..n]);
-        let head = parse_head(&raw).map_err(std::io::Error::other)?;
-        if let Some(head) = head {
-            if raw.len() >= head.body_at + head.content_length().unwrap_or(0) {
-                return Ok(String::from_utf8_lossy(&raw).into_owned());
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------

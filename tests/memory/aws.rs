@@ -2,69 +2,12 @@
 //! key in the request), a registration refused before KMS is asked (its secret too), the
 //! secrets document served; then the daemon's memory.
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use base64::Engine;
-use serde_json::{json, Value};
+use harness::moto::{kms_tool, Moto};
+use harness::{Daemon, Options};
+use serde_json::json;
 
-use crate::common::{moto_python, repo, Daemon, Options};
 use crate::scan::{self, check, wait_connections_closed, Needle};
-
-/// moto's server on a free loopback port; killed on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(moto_python())
-            .arg(repo().join("tests/aws/moto_server.py"))
-            .args(["-p", &port.to_string(), "-H", "127.0.0.1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto server");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not listen in 60 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn setup(moto: &Moto) -> Value {
-    let out = Command::new(moto_python())
-        .arg(repo().join("tests/aws/kms_tool.py"))
-        .args(["setup", &moto.url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn aws_registration_copies() {
@@ -73,7 +16,7 @@ fn aws_registration_copies() {
         return;
     }
     let moto = Moto::start();
-    let kms = setup(&moto);
+    let kms = kms_tool(&["setup", &moto.url]);
     let d = Daemon::start_with(Options {
         extra: format!(
             "[aws]\nendpoint_url = \"{}\"\nrequest_timeout = \"3s\"\n",

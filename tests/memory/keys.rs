@@ -1,9 +1,9 @@
 //! Data keys: served, used for records, rotated, loaded again after a restart.
 
 use base64::Engine;
+use harness::{request, Daemon, Options};
 use serde_json::json;
 
-use crate::common::{http, Daemon, Options};
 use crate::scan::{self, check, wait_connections_closed, Needle};
 
 fn options() -> Options {
@@ -56,7 +56,7 @@ fn serve_and_rotate(d: &Daemon) -> serde_json::Value {
         .to_string();
     let socket = d.socket.clone();
     let poll = std::thread::spawn(move || {
-        http(
+        request(
             &socket,
             "GET",
             "/v1/keys/prod/DE/secrets?wait=30",

@@ -13,8 +13,6 @@
 //! say they are skipped.
 
 mod aws;
-#[path = "../common/mod.rs"]
-mod common;
 mod keys;
 mod scan;
 mod totp;

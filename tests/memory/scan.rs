@@ -171,7 +171,7 @@ pub fn connections(pid: u32) -> usize {
 /// Waits until the daemon has closed every client connection, then a little more for the
 /// connection tasks to drop what they held.
 pub fn wait_connections_closed(pid: u32) {
-    super::common::wait_until("the daemon to close its connections", 30, || {
+    harness::wait_until("the daemon to close its connections", 30, || {
         connections(pid) == 0
     });
     std::thread::sleep(Duration::from_millis(300));

@@ -1,75 +1,11 @@
 //! TOTP secrets: an online enrollment (its secret, base32 and otpauth URI are in the answer),
 //! its confirmation and a checked code, then the daemon's memory. Codes come from oathtool.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
-
+use harness::totp::{bootstrap, oathtool};
+use harness::{needs_test_clock, Daemon, Options};
 use serde_json::json;
 
-use crate::common::{http, Daemon, Options, BIN};
 use crate::scan::{self, check, wait_connections_closed, Needle};
-
-/// The code oathtool computes for `secret` (base32) at `unix`.
-fn oathtool(secret: &str, unix: i64) -> String {
-    let out = Command::new("oathtool")
-        .args(["--totp", "-b", secret, "--now", &format!("@{unix}")])
-        .output()
-        .expect("oathtool (tests/run.sh installs it)");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// The daemon's time after moving its clock by `seconds` (a fresh step for a fresh code).
-fn clock(d: &Daemon, seconds: i64) -> i64 {
-    let r = d.post("/v1/test/clock", json!({ "advance_seconds": seconds }));
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["unix"].as_i64().unwrap()
-}
-
-/// The offline bootstrap of uid 0 (this process) with the daemon stopped; returns the
-/// secret it printed.
-fn bootstrap(d: &Daemon) -> String {
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&d.config)
-        .args(["admin", "totp-enroll", "--uid", "0"])
-        .env("SOFTHSM2_CONF", d.token.conf())
-        .env("INCOUNTRY_KEYD_TEST_CLOCK_OFFSET", "0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.starts_with("otpauth URI: ") {
-        line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "no URI printed");
-    }
-    let secret = line
-        .split(['?', '&'])
-        .find_map(|p| p.strip_prefix("secret="))
-        .unwrap()
-        .trim()
-        .to_string();
-    let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin, "{}", oathtool(&secret, unix_now())).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    secret
-}
 
 /// RFC 4648 base32 without padding, for the needles (20 bytes are 32 characters).
 fn base32_decode(text: &str) -> Vec<u8> {
@@ -106,6 +42,7 @@ fn needles(name: &str, secret_b32: &str) -> Vec<Needle> {
 
 #[test]
 fn a_confirmed_enrollment_leaves_no_secret_in_memory() {
+    needs_test_clock!();
     if !scan::can_read_memory() {
         eprintln!("skipped: reading the daemon's memory needs root");
         return;
@@ -116,13 +53,12 @@ fn a_confirmed_enrollment_leaves_no_secret_in_memory() {
         log_level: "info",
         ..Options::default()
     });
-    let first = bootstrap(&d);
+    let first = bootstrap(&d, 0);
     let d = d.launch();
 
     // Replacing the secret: a code of the current one, then the new one's answer.
-    let code = oathtool(&first, clock(&d, 30));
-    let r = http(
-        &d.socket,
+    let code = oathtool(&first, d.advance(30));
+    let r = d.request_with(
         "POST",
         "/v1/admin/totp/enroll",
         &[("X-Verification-Code", &code)],
@@ -133,13 +69,12 @@ fn a_confirmed_enrollment_leaves_no_secret_in_memory() {
     let secret = doc["secret_base32"].as_str().unwrap().to_string();
     let uri = doc["otpauth_uri"].as_str().unwrap().to_string();
     assert!(uri.contains(&format!("secret={secret}")), "{uri}");
-    let code = oathtool(&secret, clock(&d, 0));
+    let code = oathtool(&secret, d.advance(0));
     let r = d.post("/v1/admin/totp/confirm", json!({ "code": code }));
     assert_eq!(r.status, 200, "{}", r.text());
     // A change checked with a code of the new secret (unsealed, HMAC, zeroized).
-    let code = oathtool(&secret, clock(&d, 30));
-    let r = http(
-        &d.socket,
+    let code = oathtool(&secret, d.advance(30));
+    let r = d.request_with(
         "POST",
         "/v1/keys/prod/DE",
         &[("X-Verification-Code", &code)],

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use incountry_keyd::domain::clock::Clock;
 
 use crate::bodies::{is_json_refusal, read_body, Read};
-use crate::daemon::{fresh_env, open_daemon, Reply};
+use crate::daemon::{after, fresh_env, open_daemon, Reply};
 use crate::json::{has_duplicate_keys, shape_faults, Ty};
 use crate::strategies::{arb_body_bytes, arb_json, arb_number, config, one_field_changed};
 
@@ -119,7 +119,7 @@ fn check_admin_body(
         Read::Empty => return Ok(Parsed::NoBody),
         Read::Refused => return Ok(Parsed::Refused),
         Read::Broken => {
-            prop_assert!(is_json_refusal(r), "{}", r.after(body));
+            prop_assert!(is_json_refusal(r), "{}", after(r, body));
             return Ok(Parsed::Refused);
         }
         Read::Object(v) => v,
@@ -129,13 +129,13 @@ fn check_admin_body(
     if faults.is_empty() && !duplicates {
         return Ok(Parsed::Body(v));
     }
-    prop_assert!(is_json_refusal(r), "{}", r.after(body));
+    prop_assert!(is_json_refusal(r), "{}", after(r, body));
     if !duplicates {
         prop_assert!(
-            faults.contains(r.code().as_str()),
+            faults.contains(r.error_code().as_str()),
             "want {:?}: {}",
             faults,
-            r.after(body)
+            after(r, body)
         );
     }
     Ok(Parsed::Refused)
@@ -166,12 +166,12 @@ proptest! {
     ) {
         let d = open_daemon();
         let path = format!("/v1/keys/{}/DE", fresh_env("create"));
-        let r = d.request("POST", &path, &[], &body);
-        let ctx = || r.after(&body);
+        let r = d.request("POST", &path, &body);
+        let ctx = || after(&r, &body);
         let v = match check_admin_body(&body, &r, CREATE_FIELDS)? {
             Parsed::Refused => return Ok(()),
             Parsed::NoBody => {
-                prop_assert_eq!((r.status, r.code()), (400, "missing_body".into()), "{}", ctx());
+                prop_assert_eq!((r.status, r.error_code()), (400, "missing_body".into()), "{}", ctx());
                 return Ok(());
             }
             Parsed::Body(v) => v,
@@ -190,7 +190,7 @@ proptest! {
                     }
                 };
                 match want {
-                    Some(code) => prop_assert_eq!((r.status, r.code()), (400, code.into()), "{}", ctx()),
+                    Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, code.into()), "{}", ctx()),
                     None => {
                         prop_assert_eq!(r.status, 201, "{}", ctx());
                         let doc = d.key_doc(&path);
@@ -205,10 +205,10 @@ proptest! {
                     prop_assert_eq!(&doc["versions"][0]["type"], "aws", "{}", ctx());
                     prop_assert!(period.is_none(), "{}", ctx());
                 } else {
-                    prop_assert!(r.status == 400 && AWS_CODES.contains(&r.code().as_str()), "{}", ctx());
+                    prop_assert!(r.status == 400 && AWS_CODES.contains(&r.error_code().as_str()), "{}", ctx());
                 }
             }
-            _ => prop_assert_eq!((r.status, r.code()), (400, "invalid_type".into()), "{}", ctx()),
+            _ => prop_assert_eq!((r.status, r.error_code()), (400, "invalid_type".into()), "{}", ctx()),
         }
     }
 
@@ -236,21 +236,21 @@ proptest! {
         let d = open_daemon();
         let path = settings_key();
         let _one_at_a_time = d.exclusive();
-        let r = d.request("PATCH", path, &[], &body);
-        let ctx = || r.after(&body);
+        let r = d.request("PATCH", path, &body);
+        let ctx = || after(&r, &body);
         let period = match check_admin_body(&body, &r, PERIOD_FIELDS)? {
             Parsed::Refused => return Ok(()),
             Parsed::NoBody => None,
             Parsed::Body(v) => v["rotation_period_days"].as_u64(),
         };
         match period {
-            None => prop_assert_eq!((r.status, r.code()), (400, "missing_rotation_period".into()), "{}", ctx()),
+            None => prop_assert_eq!((r.status, r.error_code()), (400, "missing_rotation_period".into()), "{}", ctx()),
             Some(p @ (30 | 60 | 180 | 360)) => {
                 prop_assert_eq!(r.status, 200, "{}", ctx());
-                prop_assert_eq!(r.json().unwrap()["rotation_period_days"].as_u64(), Some(p), "{}", ctx());
+                prop_assert_eq!(r.json()["rotation_period_days"].as_u64(), Some(p), "{}", ctx());
                 prop_assert_eq!(d.key_doc(path)["rotation_period_days"].as_u64(), Some(p));
             }
-            Some(_) => prop_assert_eq!((r.status, r.code()), (400, "invalid_rotation_period".into()), "{}", ctx()),
+            Some(_) => prop_assert_eq!((r.status, r.error_code()), (400, "invalid_rotation_period".into()), "{}", ctx()),
         }
     }
 
@@ -266,8 +266,8 @@ proptest! {
         // A new UTC day per case: limits.versions_per_day never ends a long run.
         d.clock.advance(86_400);
         let before = d.key_doc(path);
-        let r = d.request("POST", &format!("{path}/rotate"), &[], &body);
-        let ctx = || r.after(&body);
+        let r = d.request("POST", &format!("{path}/rotate"), &body);
+        let ctx = || after(&r, &body);
         let after = d.key_doc(path);
         let versions = |doc: &Value| doc["versions"].as_array().unwrap().len();
         let period = match check_admin_body(&body, &r, PERIOD_FIELDS)? {
@@ -286,7 +286,7 @@ proptest! {
                 prop_assert_eq!(after["rotation_period_days"].as_u64(), period.or(kept), "{}", ctx());
             }
             Some(_) => {
-                prop_assert_eq!((r.status, r.code()), (400, "invalid_rotation_period".into()), "{}", ctx());
+                prop_assert_eq!((r.status, r.error_code()), (400, "invalid_rotation_period".into()), "{}", ctx());
                 prop_assert_eq!(versions(&after), versions(&before), "{}", ctx());
             }
         }
@@ -304,12 +304,12 @@ proptest! {
         ]),
     ) {
         let d = open_daemon();
-        let r = d.request("POST", "/v1/admin/totp/confirm", &[], &body);
-        let ctx = || r.after(&body);
+        let r = d.request("POST", "/v1/admin/totp/confirm", &body);
+        let ctx = || after(&r, &body);
         match check_admin_body(&body, &r, &[("code", Ty::Str)])? {
             Parsed::Refused => {}
-            Parsed::NoBody => prop_assert_eq!((r.status, r.code()), (400, "missing_body".into()), "{}", ctx()),
-            Parsed::Body(_) => prop_assert_eq!((r.status, r.code()), (409, "verification_off".into()), "{}", ctx()),
+            Parsed::NoBody => prop_assert_eq!((r.status, r.error_code()), (400, "missing_body".into()), "{}", ctx()),
+            Parsed::Body(_) => prop_assert_eq!((r.status, r.error_code()), (409, "verification_off".into()), "{}", ctx()),
         }
     }
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 use incountry_keyd::domain::crypto;
 
 use crate::admin_bodies::{rotate_key, settings_key};
-use crate::daemon::{fresh_env, open_daemon, Reply};
+use crate::daemon::{after, fresh_env, open_daemon, Reply};
 use crate::json::is_json_text;
 use crate::record_bodies::{record_key, REC_PATH};
 use crate::strategies::config;
@@ -31,8 +31,12 @@ pub enum Read {
 /// Checks the shared rules on one exchange: no server error, a JSON answer, and a body
 /// that does not start with `{` refused as the rules say.
 pub fn read_body(body: &[u8], r: &Reply) -> Result<Read, TestCaseError> {
-    prop_assert!(r.status < 500, "server error: {}", r.after(body));
-    prop_assert!(r.json().is_some(), "answer is not JSON: {}", r.after(body));
+    prop_assert!(r.status < 500, "server error: {}", after(r, body));
+    prop_assert!(
+        r.try_json().is_some(),
+        "answer is not JSON: {}",
+        after(r, body)
+    );
     let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Ok(Read::Empty);
     };
@@ -50,10 +54,10 @@ pub fn read_body(body: &[u8], r: &Reply) -> Result<Read, TestCaseError> {
             &["malformed_json"]
         };
         prop_assert!(
-            r.status == 400 && codes.contains(&r.code().as_str()),
+            r.status == 400 && codes.contains(&r.error_code().as_str()),
             "want 400 {:?}: {}",
             codes,
-            r.after(body)
+            after(r, body)
         );
         return Ok(Read::Refused);
     }
@@ -71,7 +75,7 @@ pub fn read_body(body: &[u8], r: &Reply) -> Result<Read, TestCaseError> {
 /// syntax error is what it reports.
 pub fn is_json_refusal(r: &Reply) -> bool {
     r.status == 400
-        && ["malformed_json", "invalid_request", "unknown_field"].contains(&r.code().as_str())
+        && ["malformed_json", "invalid_request", "unknown_field"].contains(&r.error_code().as_str())
 }
 
 /// JSON texts that are not objects, one of each kind and some edges: the empty and a
@@ -106,9 +110,9 @@ fn not_refused(cases: &[(&str, String, Vec<u8>)], want: &str) -> Vec<String> {
     cases
         .iter()
         .filter_map(|(method, path, body)| {
-            let r = d.request(method, path, &[], body);
-            let hit = (r.status, r.code().as_str()) == (400, want);
-            (!hit).then(|| format!("{method} {path} {}", r.after(body)))
+            let r = d.request(method, path, body);
+            let hit = (r.status, r.error_code().as_str()) == (400, want);
+            (!hit).then(|| format!("{method} {path} {}", after(&r, body)))
         })
         .collect()
 }
@@ -189,8 +193,8 @@ fn record_bodies_must_be_objects() {
         wrong.join("\n")
     );
     let missing = format!("/v1/keys/{}/DE/encrypt", fresh_env("nokey"));
-    let r = open_daemon().request("POST", &missing, &[], br#"{"plaintext":"x"}"#);
-    assert_eq!((r.status, r.code().as_str()), (404, "key_not_found"));
+    let r = open_daemon().request("POST", &missing, br#"{"plaintext":"x"}"#);
+    assert_eq!((r.status, r.error_code().as_str()), (404, "key_not_found"));
 }
 
 /// Guards "not JSON → malformed_json" for bodies that would be JSON but for invalid UTF-8
@@ -259,15 +263,15 @@ proptest! {
         // A record's version: in range → the version's own rules (unknown here → 404).
         let record = crypto::encrypt(&rk.keys[&1], b"n").unwrap();
         let body = format!("{{\"ciphertext\":\"{record}\",\"version\":{literal}}}");
-        let r = d.request("POST", &format!("{REC_PATH}/decrypt"), &[], body.as_bytes());
+        let r = d.request("POST", &format!("{REC_PATH}/decrypt"), body.as_bytes());
         match want_refusal {
-            Some(code) => prop_assert_eq!((r.status, r.code()), (400, code.into()), "{}", ctx("version", &r)),
+            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, code.into()), "{}", ctx("version", &r)),
             None => {
                 let n: u64 = digits.parse().unwrap();
                 match n {
                     1 => prop_assert_eq!(r.status, 200, "{}", ctx("version", &r)),
-                    2 => prop_assert_eq!(r.code(), "decryption_failed", "{}", ctx("version", &r)),
-                    _ => prop_assert_eq!(r.code(), "version_not_found", "{}", ctx("version", &r)),
+                    2 => prop_assert_eq!(r.error_code(), "decryption_failed", "{}", ctx("version", &r)),
+                    _ => prop_assert_eq!(r.error_code(), "version_not_found", "{}", ctx("version", &r)),
                 }
             }
         }
@@ -275,12 +279,12 @@ proptest! {
         // rotation_period_days of settings: in range → the allowed values only.
         let _one_at_a_time = d.exclusive();
         let body = format!("{{\"rotation_period_days\":{literal}}}");
-        let r = d.request("PATCH", settings_key(), &[], body.as_bytes());
+        let r = d.request("PATCH", settings_key(), body.as_bytes());
         match want_refusal {
-            Some(code) => prop_assert_eq!((r.status, r.code()), (400, code.into()), "{}", ctx("settings", &r)),
+            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, code.into()), "{}", ctx("settings", &r)),
             None => match digits.parse::<u64>().unwrap() {
                 30 | 60 | 180 | 360 => prop_assert_eq!(r.status, 200, "{}", ctx("settings", &r)),
-                _ => prop_assert_eq!(r.code(), "invalid_rotation_period", "{}", ctx("settings", &r)),
+                _ => prop_assert_eq!(r.error_code(), "invalid_rotation_period", "{}", ctx("settings", &r)),
             },
         }
 
@@ -288,12 +292,12 @@ proptest! {
         // number parse cannot hide behind the end of the object).
         let body = format!("{{\"rotation_period_days\":{literal},\"type\":\"incountry-managed\"}}");
         let path = format!("/v1/keys/{}/FR", fresh_env("number"));
-        let r = d.request("POST", &path, &[], body.as_bytes());
+        let r = d.request("POST", &path, body.as_bytes());
         match want_refusal {
-            Some(code) => prop_assert_eq!((r.status, r.code()), (400, code.into()), "{}", ctx("create", &r)),
+            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, code.into()), "{}", ctx("create", &r)),
             None => match digits.parse::<u64>().unwrap() {
                 30 | 60 | 180 | 360 => prop_assert_eq!(r.status, 201, "{}", ctx("create", &r)),
-                _ => prop_assert_eq!(r.code(), "invalid_rotation_period", "{}", ctx("create", &r)),
+                _ => prop_assert_eq!(r.error_code(), "invalid_rotation_period", "{}", ctx("create", &r)),
             },
         }
     }

@@ -1,11 +1,10 @@
 //! The daemon in this process: the real `api::serve`, `Keyring`, `Verifier` and SQLite
 //! `Store`, with an in-memory AES-GCM HSM, a KMS that accepts everything and a clock that
-//! only moves when a test moves it, on a Unix socket in a temp dir; and an HTTP client.
+//! only moves when a test moves it, on a Unix socket in a temp dir. Requests go through
+//! the harness (the crate's own client); a raw socket only for header bytes no client sends.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -19,6 +18,8 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+pub use harness::Reply;
+use harness::{raw, request};
 use incountry_keyd::api::App;
 use incountry_keyd::api::{self, Peer, Role};
 use incountry_keyd::config::Config;
@@ -166,7 +167,8 @@ impl Clock for ManualClock {
     }
 }
 
-pub struct Daemon {
+/// The daemon in this process.
+pub struct InProcess {
     socket: PathBuf,
     pub app: Arc<App>,
     pub clock: Arc<ManualClock>,
@@ -193,8 +195,8 @@ fn remove_at_exit(dir: PathBuf) {
     });
 }
 
-impl Daemon {
-    pub fn start(verification: &str) -> Daemon {
+impl InProcess {
+    pub fn start(verification: &str) -> InProcess {
         // Under the target's scratch dir (what a killed run leaves stays there).
         let dir = tempfile::Builder::new()
             .prefix("parsers-")
@@ -248,7 +250,7 @@ impl Daemon {
             listener,
             std::future::pending::<()>(),
         ));
-        Daemon {
+        InProcess {
             socket,
             app,
             clock,
@@ -265,18 +267,47 @@ impl Daemon {
         self.clock.unix.load(Ordering::SeqCst)
     }
 
-    pub fn request(
+    /// One request with `body` as it is. A connection closed without an answer (what a
+    /// panicking handler leaves) fails the caller.
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        request(&self.socket, method, path, &[], body)
+    }
+
+    pub fn request_with(
         &self,
         method: &str,
         path: &str,
-        headers: &[(&str, &[u8])],
+        headers: &[(&str, &str)],
         body: &[u8],
     ) -> Reply {
-        http(&self.socket, method, path, headers, body)
+        request(&self.socket, method, path, headers, body)
+    }
+
+    /// One request with a header whose value is any bytes (NUL, obs-text, ...), which no
+    /// HTTP client sends: written on a raw socket.
+    pub fn request_raw_header(
+        &self,
+        method: &str,
+        path: &str,
+        (name, value): (&str, &[u8]),
+        body: &[u8],
+    ) -> Reply {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n{name}: ",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(value);
+        req.extend_from_slice(b"\r\n\r\n");
+        req.extend_from_slice(body);
+        let answer = raw::exchange(&self.socket, &req, Duration::from_secs(30));
+        raw::parse(&answer).unwrap_or_else(|e| {
+            panic!("no answer to {method} {path} (connection dropped: a panic?): {e}")
+        })
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Reply {
-        self.request("POST", path, &[], body.to_string().as_bytes())
+        self.request("POST", path, body.to_string().as_bytes())
     }
 
     /// Creates an incountry-managed key with a 30-day period at `path` (/v1/keys/{env}/{c}).
@@ -290,7 +321,7 @@ impl Daemon {
 
     /// The key document at `path`, for what a change wrote.
     pub fn key_doc(&self, path: &str) -> Value {
-        self.request("GET", path, &[], b"").ok(200)
+        self.request("GET", path, b"").ok(200)
     }
 
     /// The data keys of a key, by version, from its secrets document.
@@ -312,9 +343,9 @@ impl Daemon {
 }
 
 /// Verification off: the body tests.
-pub fn open_daemon() -> &'static Daemon {
-    static D: OnceLock<Daemon> = OnceLock::new();
-    D.get_or_init(|| Daemon::start("off"))
+pub fn open_daemon() -> &'static InProcess {
+    static D: OnceLock<InProcess> = OnceLock::new();
+    D.get_or_init(|| InProcess::start("off"))
 }
 
 /// A fresh environment name per call, so that creates never meet an existing key.
@@ -334,79 +365,12 @@ pub fn me() -> Peer {
     }
 }
 
-pub struct Reply {
-    pub status: u16,
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    pub fn json(&self) -> Option<Value> {
-        serde_json::from_slice(&self.body).ok()
-    }
-    pub fn code(&self) -> String {
-        self.json()
-            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
-            .unwrap_or_default()
-    }
-    pub fn ok(&self, status: u16) -> Value {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        self.json().expect("JSON body")
-    }
-    /// `sent -> status answer`, for failure messages.
-    pub fn after(&self, sent: &[u8]) -> String {
-        format!(
-            "{:?} -> {} {}",
-            String::from_utf8_lossy(sent),
-            self.status,
-            String::from_utf8_lossy(&self.body)
-        )
-    }
-}
-
-/// One HTTP/1.1 request on its own connection. A connection closed without an answer (what
-/// a panicking handler leaves) fails the caller.
-fn http(socket: &Path, method: &str, path: &str, headers: &[(&str, &[u8])], body: &[u8]) -> Reply {
-    let mut s = UnixStream::connect(socket).expect("connect to the daemon");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
+/// `sent -> status answer`, for failure messages.
+pub fn after(r: &Reply, sent: &[u8]) -> String {
+    format!(
+        "{:?} -> {} {}",
+        String::from_utf8_lossy(sent),
+        r.status,
+        String::from_utf8_lossy(&r.body)
     )
-    .into_bytes();
-    for (name, value) in headers {
-        req.extend_from_slice(name.as_bytes());
-        req.extend_from_slice(b": ");
-        req.extend_from_slice(value);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"\r\n");
-    req.extend_from_slice(body);
-    // The daemon may answer (and close) before reading everything.
-    let _ = s.write_all(&req);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| {
-            panic!(
-                "no answer to {method} {path} (connection dropped: a panic?); body {:?}",
-                String::from_utf8_lossy(body)
-            )
-        });
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    Reply {
-        status,
-        body: raw[split + 4..].to_vec(),
-    }
 }

@@ -24,19 +24,19 @@ proptest! {
     ) {
         let d = open_daemon();
         record_key();
-        let r = d.request("GET", &format!("/v1/keys/records/DE/secrets?wait={value}"), &[], b"");
+        let r = d.request("GET", &format!("/v1/keys/records/DE/secrets?wait={value}"), b"");
         let wait_ok = value.parse::<u64>().is_ok_and(|s| (1..=300).contains(&s));
         if wait_ok {
             prop_assert_eq!(r.status, 200, "wait={}", value);
         } else {
-            prop_assert_eq!((r.status, r.code()), (400, "invalid_wait".into()), "wait={}", value);
+            prop_assert_eq!((r.status, r.error_code()), (400, "invalid_wait".into()), "wait={}", value);
         }
-        let r = d.request("GET", &format!("/v1/audit?since={value}"), &[], b"");
+        let r = d.request("GET", &format!("/v1/audit?since={value}"), b"");
         let since_ok = value.parse::<i64>().is_ok_and(|s| s >= 0);
         if since_ok {
             prop_assert_eq!(r.status, 200, "since={}", value);
         } else {
-            prop_assert_eq!((r.status, r.code()), (400, "invalid_since".into()), "since={}", value);
+            prop_assert_eq!((r.status, r.error_code()), (400, "invalid_since".into()), "since={}", value);
         }
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use incountry_keyd::domain::crypto;
 
 use crate::bodies::{read_body, Read};
-use crate::daemon::{open_daemon, Reply};
+use crate::daemon::{after, open_daemon, Reply};
 use crate::json::{shape_faults, Ty};
 use crate::strategies::{
     arb_body_bytes, arb_json, arb_key_name, arb_number, arb_record, config, one_field_changed,
@@ -274,7 +274,7 @@ fn check_item(
 /// Sends `body` to the route of `op` on the records key and checks the answer.
 fn send_record_body(op: Op, body: &[u8]) -> Result<(), TestCaseError> {
     let rk = record_key();
-    let r = open_daemon().request("POST", &format!("{REC_PATH}/{}", op.path()), &[], body);
+    let r = open_daemon().request("POST", &format!("{REC_PATH}/{}", op.path()), body);
     check_record_body(op, body, &r, rk)
 }
 
@@ -287,7 +287,7 @@ fn check_record_body(op: Op, body: &[u8], r: &Reply, rk: &RecordKey) -> Result<(
         Read::Object(value) => {
             let obj = value.as_object().unwrap();
             let Some(batch) = obj.get("batch") else {
-                return check_item(op, &value, r.status, &r.json().unwrap(), rk);
+                return check_item(op, &value, r.status, &r.json(), rk);
             };
             match batch.as_array() {
                 _ if obj.len() != 1 => "unknown_field",
@@ -297,8 +297,13 @@ fn check_record_body(op: Op, body: &[u8], r: &Reply, rk: &RecordKey) -> Result<(
             }
         }
     };
-    let ctx = || format!("{op:?} {}", r.after(body));
-    prop_assert_eq!((r.status, r.code()), (400, refusal.into()), "{}", ctx());
+    let ctx = || format!("{op:?} {}", after(r, body));
+    prop_assert_eq!(
+        (r.status, r.error_code()),
+        (400, refusal.into()),
+        "{}",
+        ctx()
+    );
     Ok(())
 }
 
@@ -310,8 +315,8 @@ fn check_batch(
     r: &Reply,
     rk: &RecordKey,
 ) -> Result<(), TestCaseError> {
-    let ctx = || format!("{op:?} {}", r.after(body));
-    let got = r.json().unwrap();
+    let ctx = || format!("{op:?} {}", after(r, body));
+    let got = r.json();
     prop_assert_eq!(r.status, 200, "{}", ctx());
     let results = got["results"].as_array().cloned().unwrap_or_default();
     prop_assert_eq!(results.len(), items.len(), "{}", ctx());
@@ -403,9 +408,9 @@ fn batch_size_edge() {
         let r = d.post(&format!("{REC_PATH}/decrypt"), &body);
         assert_eq!(r.status, want, "{n} items");
         if want == 400 {
-            assert_eq!(r.code(), "batch_too_large");
+            assert_eq!(r.error_code(), "batch_too_large");
         } else {
-            assert_eq!(r.json().unwrap()["failed"], n);
+            assert_eq!(r.json()["failed"], n);
         }
     }
 }

@@ -8,19 +8,19 @@ use proptest::prelude::*;
 
 use incountry_keyd::domain::clock::Clock;
 
-use crate::daemon::{me, Daemon};
+use crate::daemon::{me, InProcess};
 use crate::strategies::config;
 
 /// Verification by TOTP, with this process's uid enrolled.
 struct TotpDaemon {
-    d: Daemon,
+    d: InProcess,
     totp: totp_rs::Totp,
 }
 
 fn totp_daemon() -> &'static TotpDaemon {
     static D: OnceLock<TotpDaemon> = OnceLock::new();
     D.get_or_init(|| {
-        let d = Daemon::start("totp");
+        let d = InProcess::start("totp");
         let peer = me();
         // The first admin is enrolled by the offline bootstrap's path (no code from anyone).
         let enrollment = d
@@ -47,10 +47,10 @@ fn totp_daemon() -> &'static TotpDaemon {
         // The key the header tests change, made through the API with a fresh code.
         d.clock.advance(30);
         let code = totp.generate(d.now() as u64).to_string();
-        let r = d.request(
+        let r = d.request_with(
             "POST",
             "/v1/keys/header/DE",
-            &[("X-Verification-Code", code.as_bytes())],
+            &[("X-Verification-Code", &code)],
             br#"{"type":"incountry-managed","rotation_period_days":30}"#,
         );
         r.ok(201);
@@ -182,10 +182,10 @@ proptest! {
         let _one_at_a_time = t.d.exclusive();
         let (window, code) = t.next_window(pick);
         let value = make_code(&recipe, &code);
-        let r = t.d.request(
+        let r = t.d.request_raw_header(
             "PATCH",
             "/v1/keys/header/DE",
-            &[("X-Verification-Code", &value)],
+            ("X-Verification-Code", &value),
             br#"{"rotation_period_days":60}"#,
         );
         let ctx = || format!("{:?} (window {:?}) -> {} {}", String::from_utf8_lossy(&value), window, r.status, String::from_utf8_lossy(&r.body));
@@ -195,7 +195,7 @@ proptest! {
         if valid {
             prop_assert_eq!(r.status, 200, "{}", ctx());
         } else {
-            let code = r.code();
+            let code = r.error_code();
             prop_assert!(
                 (r.status == 401 && ["verification_failed", "verification_required"].contains(&code.as_str()))
                     || (r.status == 400 && r.body.is_empty()),

@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use crate::common::Daemon;
-use crate::support::{audit_verify, secret_fingerprints, try_http};
+use harness::{try_request, Daemon};
+
+use crate::support::{audit_verify, secret_fingerprints};
 
 use super::{Change, Op, Outcome, COUNTRIES, ENV};
 
@@ -31,7 +32,7 @@ pub struct Totals {
     /// Versions that appeared after a restart without an acknowledgement (committed, but
     /// the answer was lost to the kill).
     pub unacked_applied: usize,
-    /// Why the last request of a cycle failed, by kind ("connect", "read", ...).
+    /// Why the last request of a cycle failed, by its innermost cause.
     pub lost_by: BTreeMap<String, usize>,
     pub audit_entries: u64,
 }
@@ -96,9 +97,11 @@ pub fn apply_ops(
             }
             (Outcome::Lost(why), change) => {
                 totals.lost += 1;
+                // The innermost cause: the last of the error chain, without its os error.
                 let kind = why
-                    .split([':', '('])
+                    .rsplit(": ")
                     .next()
+                    .and_then(|cause| cause.split('(').next())
                     .unwrap_or(why)
                     .trim()
                     .to_string();
@@ -135,7 +138,7 @@ pub fn check_state(
     totals: &mut Totals,
 ) {
     let get = |path: &str| {
-        let a = try_http(&d.socket, "GET", path, None, Duration::from_secs(20))
+        let a = try_request(&d.socket, "GET", path, &[], b"", Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
         assert_eq!(a.status, 200, "GET {path}: {}", a.text());
         a.json()

@@ -1,0 +1,128 @@
+//! HTTP to the daemon through the crate's own client (`cli::client::Client`), one request per
+//! connection, for synchronous tests. Every request of the tests goes through
+//! `try_request`; answers are read as `serde_json::Value`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use incountry_keyd::cli::client::{self, Client};
+use serde_json::Value;
+
+/// How long `request` waits for an answer (long polls wait up to 300 s).
+pub const TIMEOUT: Duration = Duration::from_secs(330);
+
+/// An answer: status, headers and the whole body.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as JSON; fails the test when it is not.
+    pub fn json(&self) -> Value {
+        self.try_json().unwrap_or_else(|| {
+            panic!(
+                "status {} body is not JSON: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn try_json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// The first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `error.code` of an error document; empty for any other body.
+    pub fn error_code(&self) -> String {
+        self.try_json()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts the status; returns the JSON body.
+    pub fn ok(&self, status: u16) -> Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        self.json()
+    }
+}
+
+impl From<client::Reply> for Reply {
+    fn from(r: client::Reply) -> Reply {
+        Reply {
+            status: r.status.as_u16(),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: r.body.to_vec(),
+        }
+    }
+}
+
+/// One request on a fresh connection; fails the test when no whole answer comes within
+/// `TIMEOUT`. A GET with an empty `body` sends none; anything else sends `body` as JSON.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    try_request(socket, method, path, headers, body, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// One request on a fresh connection: `Err` when the connection fails, the answer is
+/// incomplete, or none comes within `timeout`.
+pub fn try_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Reply, String> {
+    let method = hyper::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    let body = (method != hyper::Method::GET || !body.is_empty()).then(|| body.to_vec());
+    let run = || {
+        // A runtime per request: when it is dropped, so is the connection.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        runtime.block_on(async {
+            let client = Client::new(socket);
+            match tokio::time::timeout(timeout, client.request(method, path, headers, body)).await {
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Ok(Ok(reply)) => Ok(Reply::from(reply)),
+            }
+        })
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        // Called from async code: a runtime cannot block inside another.
+        std::thread::scope(|s| s.spawn(run).join().expect("request thread"))
+    } else {
+        run()
+    }
+}

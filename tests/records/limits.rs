@@ -1,0 +1,87 @@
+//! Encryptions per version: counted durably (reserved ahead while running, exact after a
+//! clean stop, at most a block ahead after a crash) and limited.
+
+use harness::Daemon;
+use serde_json::json;
+
+use crate::{batch, daemon, encrypt_all, ok, op, rotate};
+
+/// The stored count of encryptions under `version` of prod/DE.
+fn stored_encryptions(d: &Daemon, version: u32) -> u64 {
+    let db = rusqlite::Connection::open(d.state_db()).unwrap();
+    db.query_row(
+        "SELECT encryptions FROM versions WHERE version = ?1 AND key_id = (SELECT id FROM keys WHERE environment = 'prod' AND country = 'DE')",
+        [version],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap() as u64
+}
+
+#[test]
+fn encryptions_are_counted_durably_and_limited_per_version() {
+    const LIMIT: u64 = 1 << 31;
+    const BLOCK: u64 = 1 << 16;
+    let mut d = daemon();
+    assert_eq!(d.create_managed("prod", "DE", 30).status, 201);
+    let first = ok(&d, "encrypt", json!({"plaintext": "one"}));
+    let texts: Vec<String> = (0..5).map(|i| format!("record {i}")).collect();
+    encrypt_all(&d, &texts);
+    // Reserved ahead in the state while running: never behind what was made.
+    let reserved = stored_encryptions(&d, 1);
+    assert!((6..=6 + BLOCK).contains(&reserved), "{reserved}");
+    assert_eq!(rotate(&d), 2);
+    let r = ok(&d, "rewrap", first.clone());
+    assert_eq!(r["rewrapped"], true);
+    // A clean stop stores the exact counts.
+    assert!(d.stop().success());
+    assert_eq!(stored_encryptions(&d, 1), 6);
+    assert_eq!(stored_encryptions(&d, 2), 1);
+
+    // A crash: the stored count is ahead of what was made, by at most a block.
+    let mut d = d.launch();
+    ok(&d, "encrypt", json!({"plaintext": "two"}));
+    d.signal("KILL");
+    d.stop();
+    let after_crash = stored_encryptions(&d, 2);
+    assert!((2..=2 + BLOCK).contains(&after_crash), "{after_crash}");
+
+    // Near the limit (as a long-lived version would be): the last ones, then 409.
+    let db = rusqlite::Connection::open(d.state_db()).unwrap();
+    db.execute(
+        "UPDATE versions SET encryptions = ?1 WHERE version = 2",
+        [(LIMIT - 2) as i64],
+    )
+    .unwrap();
+    drop(db);
+    let d = d.launch();
+    let items = vec![json!({"plaintext": "a"}); 3];
+    let results = batch(&d, "encrypt", items);
+    assert_eq!(results[0]["version"], 2);
+    assert_eq!(results[1]["version"], 2);
+    assert_eq!(
+        results[2]["error"]["code"], "encryption_limit",
+        "{results:?}"
+    );
+    assert_eq!(results[2]["error"]["status"], 409);
+    let r = op(&d, "encrypt", json!({"plaintext": "b"}));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.error_code(), "encryption_limit");
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("prod/DE version 2") && msg.contains("rotate"),
+        "{msg}"
+    );
+    // Rewrap into the spent version is refused too; decryption goes on.
+    let r = op(&d, "rewrap", first.clone());
+    assert_eq!(r.status, 409, "{}", r.text());
+    let back = ok(&d, "decrypt", results[0].clone());
+    assert_eq!(back["plaintext"], "a");
+    // A new version encrypts again.
+    assert_eq!(rotate(&d), 3);
+    let r = ok(&d, "encrypt", json!({"plaintext": "c"}));
+    assert_eq!(r["version"], 3);
+    let mut d = d;
+    assert!(d.stop().success());
+    assert_eq!(stored_encryptions(&d, 2), LIMIT);
+    assert_eq!(stored_encryptions(&d, 3), 1);
+}
