@@ -5,7 +5,11 @@
 pub mod anchor;
 mod aws;
 mod counters;
+#[cfg(test)]
+pub mod fixture;
 mod ledger;
+#[cfg(test)]
+mod tests;
 
 pub use aws::{AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
 pub use counters::{CounterValues, RecordCounters, RecordEvent};
