@@ -24,8 +24,6 @@ struct Token {
     anchors: [Option<Vec<u8>>; ANCHOR_SLOTS],
     /// Every call (and reconnects) fails as a lost session does.
     down: bool,
-    /// Every call but reconnects answers this.
-    failure: Option<HsmError>,
     /// `open` calls per root key label.
     opens: HashMap<String, usize>,
     reconnects: usize,
@@ -58,11 +56,6 @@ impl FakeHsm {
     /// Every call fails with `Unavailable` (and so do reconnects) while `down`.
     pub fn set_down(&self, down: bool) {
         lock(&self.token).down = down;
-    }
-
-    /// Every call but reconnects answers `failure` while it is set.
-    pub fn set_failure(&self, failure: Option<HsmError>) {
-        lock(&self.token).failure = failure;
     }
 
     /// Makes the root key `label` look absent (`RootKeyMissing`), or present again.
@@ -119,9 +112,6 @@ impl FakeHsm {
         let t = lock(&self.token);
         if t.down {
             return Err(HsmError::Unavailable("fake token is down".into()));
-        }
-        if let Some(e) = &t.failure {
-            return Err(e.clone());
         }
         Ok(t)
     }

@@ -1,5 +1,6 @@
 //! Unit tests of the keyring over the fake HSM and KMS with a manual clock: the limits on
-//! new versions, rotation periods, and wrapped keys bound to their slot.
+//! new versions, rotation periods, wrapped keys bound to their slot, a missing root key and
+//! an HSM outage.
 
 use super::fixture::{admin, aws_ref, id, timer, Fixture, DAY, T0};
 use super::KeySource;
@@ -222,5 +223,26 @@ async fn a_missing_root_key_refuses_changes_and_loads_unavailable() {
     fx.hsm.hide_root(&de.root_label(), false);
     let fx = fx.restart().await;
     assert_eq!(served(&fx, &de, 1), key);
+    assert_eq!(fx.managed(&de, None).await.unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn an_hsm_outage_refuses_changes_while_loaded_keys_serve() {
+    let fx = Fixture::new().await;
+    let de = id("prod", "DE");
+    fx.managed(&de, Some(30)).await.unwrap();
+    let key = served(&fx, &de, 1);
+    fx.hsm.set_down(true);
+    assert_eq!(code(fx.managed(&de, None).await), Code::HsmUnavailable);
+    assert!(fx.keyring.hsm_status().unavailable.is_some());
+    assert_eq!(served(&fx, &de, 1), key);
+    // The worker reconnects by itself once the token answers (after 100 ms at first).
+    fx.hsm.set_down(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fx.keyring.hsm_ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "no reconnect");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(fx.hsm.reconnects() >= 1);
     assert_eq!(fx.managed(&de, None).await.unwrap().version, 2);
 }
