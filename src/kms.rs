@@ -27,6 +27,9 @@ use zeroize::Zeroizing;
 
 pub use crate::domain::AwsKeyRef;
 
+#[cfg(test)]
+pub mod fake;
+
 /// Why KMS refused a Decrypt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {

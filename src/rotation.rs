@@ -90,7 +90,7 @@ pub async fn run(
 ) {
     let mut changes = r.keyring.subscribe();
     loop {
-        let wake_in = pass(&r).await;
+        let wake_in = pass(&r, &Instant::now).await;
         tokio::select! {
             _ = tokio::time::sleep(wake_in) => {}
             _ = clock.changed() => {}
@@ -100,8 +100,9 @@ pub async fn run(
     }
 }
 
-/// Rotates every due key once; returns how long to sleep before the next pass.
-async fn pass(r: &Rotator<'_>) -> Duration {
+/// Rotates every due key once; returns how long to sleep before the next pass. Retries are
+/// timed by `instant` (`Instant::now`; tests pass their own).
+async fn pass(r: &Rotator<'_>, instant: &(dyn Fn() -> Instant + Sync)) -> Duration {
     let now = r.keyring.now();
     let mut sleep = MAX_SLEEP;
     for key in r.keyring.snapshot().keys.values() {
@@ -115,8 +116,8 @@ async fn pass(r: &Rotator<'_>) -> Duration {
         let retry_at = r
             .status
             .with(|s| s.failing.get(&key.id).map(|f| f.retry_at));
-        if let Some(at) = retry_at.filter(|at| *at > Instant::now()) {
-            sleep = sleep.min(at - Instant::now());
+        if let Some(at) = retry_at.filter(|at| *at > instant()) {
+            sleep = sleep.min(at - instant());
             continue;
         }
         let req = NewVersion {
@@ -167,7 +168,7 @@ async fn pass(r: &Rotator<'_>) -> Duration {
                         Failure {
                             attempts,
                             error: e.to_string(),
-                            retry_at: Instant::now() + backoff,
+                            retry_at: instant() + backoff,
                         },
                     )
                 });
@@ -181,3 +182,6 @@ async fn pass(r: &Rotator<'_>) -> Duration {
     });
     sleep
 }
+
+#[cfg(test)]
+mod tests;

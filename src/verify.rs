@@ -324,3 +324,6 @@ impl TotpVerifier {
             })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,11 @@
 use std::sync::Arc;
 use time::OffsetDateTime;
 
+#[cfg(test)]
+mod manual;
+#[cfg(test)]
+pub use manual::ManualClock;
+
 pub trait Clock: Send + Sync {
     fn now(&self) -> OffsetDateTime;
 

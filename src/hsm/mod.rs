@@ -4,6 +4,8 @@
 //! their calls block, so no PKCS#11 call runs on the async runtime: one dedicated thread
 //! owns the backend (and with it the logged-in session) and runs jobs sent to it.
 
+#[cfg(test)]
+pub mod fake;
 mod open;
 mod pkcs11;
 mod softhsm;

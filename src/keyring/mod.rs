@@ -5,8 +5,12 @@
 pub mod anchor;
 mod aws;
 mod counters;
+#[cfg(test)]
+pub mod fixture;
 mod ledger;
 pub mod records;
+#[cfg(test)]
+mod tests;
 
 pub use aws::{AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
 pub use counters::{CounterValues, RecordCounters, RecordEvent};

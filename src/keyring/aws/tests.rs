@@ -1,5 +1,7 @@
 //! Unit tests of aws versions: backoff, key checks and bindings, loading, judging KMS answers.
 
+mod revalidation;
+
 use std::sync::Arc;
 use std::time::Duration;
 
