@@ -112,17 +112,41 @@ pub fn try_request(
             .map_err(|e| format!("tokio runtime: {e}"))?;
         runtime.block_on(async {
             let client = Client::new(socket);
-            match tokio::time::timeout(timeout, client.request(method, path, headers, body)).await {
+            match tokio::time::timeout(
+                timeout,
+                client.request(method.clone(), path, headers, body.clone()),
+            )
+            .await
+            {
                 Err(_) => Err(format!("no answer within {timeout:?}")),
                 Ok(Err(e)) => Err(format!("{e:#}")),
                 Ok(Ok(reply)) => Ok(Reply::from(reply)),
             }
         })
     };
-    if tokio::runtime::Handle::try_current().is_ok() {
+    let answer = if tokio::runtime::Handle::try_current().is_ok() {
         // Called from async code: a runtime cannot block inside another.
         std::thread::scope(|s| s.spawn(run).join().expect("request thread"))
     } else {
         run()
+    };
+    match answer {
+        // The daemon answers a body over its limit at once (413) and closes; hyper's client
+        // then reports the failed write, not the answer waiting on the socket. Read it raw.
+        Err(e) if e.contains("error writing a body") => {
+            let mut raw = format!(
+                "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+                body.as_ref().map_or(0, Vec::len)
+            );
+            for (name, value) in headers {
+                raw.push_str(&format!("{name}: {value}\r\n"));
+            }
+            raw.push_str("\r\n");
+            let mut bytes = raw.into_bytes();
+            bytes.extend_from_slice(body.as_deref().unwrap_or_default());
+            crate::raw::parse(&crate::raw::exchange(socket, &bytes, timeout))
+                .map_err(|p| format!("{e}; read raw: {p}"))
+        }
+        other => other,
     }
 }
