@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::domain::audit::Actor;
@@ -43,11 +42,18 @@ pub struct RotatorStatus {
     state: Mutex<State>,
 }
 
-#[derive(Serialize)]
 pub struct StatusView {
     pub checks: u64,
     pub last_check: Option<String>,
-    pub failing: Vec<serde_json::Value>,
+    pub failing: Vec<FailingKey>,
+}
+
+/// A key whose timer rotation failed, and when the timer tries it again.
+pub struct FailingKey {
+    pub key: KeyId,
+    pub attempts: u32,
+    pub error: String,
+    pub retry_in_seconds: u64,
 }
 
 impl RotatorStatus {
@@ -62,13 +68,14 @@ impl RotatorStatus {
             failing: s
                 .failing
                 .iter()
-                .map(|(id, f)| {
-                    serde_json::json!({
-                        "key": id.to_string(),
-                        "attempts": f.attempts,
-                        "error": f.error,
-                        "retry_in_seconds": f.retry_at.saturating_duration_since(Instant::now()).as_secs(),
-                    })
+                .map(|(id, f)| FailingKey {
+                    key: id.clone(),
+                    attempts: f.attempts,
+                    error: f.error.clone(),
+                    retry_in_seconds: f
+                        .retry_at
+                        .saturating_duration_since(Instant::now())
+                        .as_secs(),
                 })
                 .collect(),
         })

@@ -75,19 +75,16 @@ fn condition(error: &Option<String>) -> Condition {
     }
 }
 
-/// The rotator's view in wire types. Its failing keys come as JSON objects of the same
-/// fields; one that does not read as a `RotationFailure` is dropped from the list (and
-/// logged) rather than failing health.
+/// The rotator's view in wire types.
 fn rotation_health(view: StatusView) -> RotationHealth {
     let failing = view
         .failing
         .into_iter()
-        .filter_map(|f| match serde_json::from_value::<RotationFailure>(f) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                tracing::error!(error = %e, "health: a rotation failure of an unknown shape");
-                None
-            }
+        .map(|f| RotationFailure {
+            attempts: f.attempts,
+            error: f.error,
+            key: f.key.to_string(),
+            retry_in_seconds: f.retry_in_seconds,
         })
         .collect();
     RotationHealth {

@@ -11,6 +11,9 @@ use zeroize::Zeroize;
 
 pub const DATA_KEY_LEN: usize = 32;
 
+/// Length of the GCM IV used to wrap data keys (the daemon supplies it: SoftHSM cannot).
+pub const WRAP_IV_LEN: usize = 12;
+
 static LOCK_WARNED: AtomicBool = AtomicBool::new(false);
 
 fn page_size() -> usize {

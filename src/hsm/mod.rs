@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 use zeroize::Zeroizing;
 
-/// Length of the GCM IV used to wrap data keys (the daemon supplies it: SoftHSM cannot).
-pub const WRAP_IV_LEN: usize = 12;
+pub use crate::domain::secret::WRAP_IV_LEN;
 
 pub use crate::domain::audit::MAC_LEN;
 use crate::domain::error::Error;

@@ -2,8 +2,8 @@
 //! secret or TOTP secret in the clear. Independent of the backend. No Debug on any of them:
 //! the blobs stay out of logs.
 
+use crate::domain::secret::WRAP_IV_LEN;
 use crate::domain::{Initiator, KeyId, VersionType};
-use crate::hsm::WRAP_IV_LEN;
 
 /// A version as stored: wrapped, never the data key itself. Managed versions: `wrapped` is
 /// the data key sealed by the HSM root key. Aws versions: `wrapped` is the IAM secret key

@@ -1,7 +1,6 @@
 //! Enrolling verification secrets: a replacement, a first one vouched for, the offline bootstrap.
 
 use crate::domain::Code;
-use serde::Serialize;
 use totp_rs::Secret;
 use zeroize::Zeroizing;
 
@@ -34,8 +33,8 @@ pub(super) enum Basis {
 }
 
 /// What `totp-enroll` shows the admin once. Both strings carry the secret: zeroized when
-/// dropped, sent in a body that zeroizes itself (`response::secret_json`). No Debug.
-#[derive(Serialize)]
+/// dropped, moved into the answer (`proto::Enrollment`), which the api sends in a body
+/// that zeroizes itself. Neither Debug nor Serialize.
 pub struct Enrollment {
     pub otpauth_uri: Zeroizing<String>,
     pub secret_base32: Zeroizing<String>,
