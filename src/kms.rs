@@ -27,7 +27,8 @@ use zeroize::Zeroizing;
 
 pub use crate::domain::AwsKeyRef;
 
-#[cfg(test)]
+// Test doubles: in unit tests, and for the in-process integration tests (test builds only).
+#[cfg(any(test, feature = "test-clock"))]
 pub mod fake;
 
 /// Why KMS refused a Decrypt.

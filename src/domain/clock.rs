@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use time::OffsetDateTime;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "test-clock"))]
 mod manual;
-#[cfg(test)]
+#[cfg(any(test, feature = "test-clock"))]
 pub use manual::ManualClock;
 
 pub trait Clock: Send + Sync {

@@ -4,6 +4,9 @@
 //! it fail the way a token does. Clones share one token, so a test keeps a handle to the
 //! token a worker owns, and a new worker over a clone is a restart.
 
+// A test double (unit tests, test-clock builds): a broken test setup may panic.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 

@@ -4,7 +4,8 @@
 //! their calls block, so no PKCS#11 call runs on the async runtime: one dedicated thread
 //! owns the backend (and with it the logged-in session) and runs jobs sent to it.
 
-#[cfg(test)]
+// Test doubles: in unit tests, and for the in-process integration tests (test builds only).
+#[cfg(any(test, feature = "test-clock"))]
 pub mod fake;
 mod open;
 mod pkcs11;
