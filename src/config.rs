@@ -9,6 +9,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Deserializer};
 
+mod cluster;
+
+pub use cluster::{ClusterSection, PostgresSection, PostgresTarget, StateBackend};
+
 pub const DEFAULT_PATH: &str = "/etc/incountry-keyd/keyd.toml";
 pub const DEFAULT_SOCKET: &str = "/run/incountry-keyd/keyd.sock";
 pub const ALLOWED_VERSIONS_PER_DAY: std::ops::RangeInclusive<u32> = 1..=1000;
@@ -26,6 +30,10 @@ pub struct Config {
     pub hsm: HsmSection,
     #[serde(default)]
     pub state: StateSection,
+    #[serde(default)]
+    pub postgres: PostgresSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
     #[serde(default)]
     pub access: AccessSection,
     #[serde(default)]
@@ -107,13 +115,16 @@ impl HsmSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateSection {
+    /// The SQLite state (backend "sqlite").
     pub dir: PathBuf,
+    pub backend: StateBackend,
 }
 
 impl Default for StateSection {
     fn default() -> Self {
         StateSection {
             dir: PathBuf::from("/var/lib/incountry-keyd"),
+            backend: StateBackend::Sqlite,
         }
     }
 }
@@ -276,6 +287,10 @@ impl Config {
         }
         if let Some(url) = &self.aws.endpoint_url {
             check_endpoint_url(url)?;
+        }
+        self.cluster.validate()?;
+        if self.state.backend == StateBackend::Postgres {
+            self.postgres.target()?;
         }
         self.log
             .level

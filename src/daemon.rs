@@ -45,7 +45,7 @@ pub fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     }
     systemd::status("opening the HSM");
     let (hsm, hsm_thread) = crate::hsm::open(&config)?;
-    let result = match store::open(&config.state.dir) {
+    let result = match store::open_for(&config) {
         Ok(store) => runtime.block_on(run(config_path, config, log, hsm, store, signals)),
         Err(e) => Err(e),
     };

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(softhsm2 oathtool sqlite3 util-linux mount systemd procps python3)
+# postgresql: tests/postgres runs a private cluster per test (initdb in a temp dir).
+apt_packages=(softhsm2 oathtool sqlite3 util-linux mount systemd procps python3 postgresql)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

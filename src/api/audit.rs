@@ -13,10 +13,10 @@ use crate::proto::{AuditEntryDocument, AuditPage};
 /// Most entries in one answer.
 const PAGE: usize = 1000;
 
-pub(super) fn read(app: &App, peer: &Peer, query: Option<&str>) -> Result<Response<Body>> {
+pub(super) async fn read(app: &App, peer: &Peer, query: Option<&str>) -> Result<Response<Body>> {
     peer.require_admin()?;
     let since = since_param(query)?;
-    let entries = app.keyring.audit_since(since, PAGE)?;
+    let entries = app.keyring.audit_page(since, PAGE).await?;
     let next = entries.last().map_or(since, |e| e.seq);
     let entries = entries.into_iter().map(document).collect();
     Ok(response::json(StatusCode::OK, &AuditPage { entries, next }))

@@ -244,7 +244,7 @@ async fn dispatch(
             let body = extract::read_json(app, req).await?;
             records::answer(app, id, op, body).await
         }
-        Route::ReadAudit => audit::read(app, peer, req.uri().query()),
+        Route::ReadAudit => audit::read(app, peer, req.uri().query()).await,
         Route::TotpEnroll => {
             detached(app, peer, move |app, peer| async move {
                 totp::begin(&app, &peer, req).await

@@ -211,13 +211,17 @@ impl Offline {
         if !nix::unistd::geteuid().is_root() {
             bail!("{what} must run as root");
         }
-        let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
+        let dir = state_dir
+            .clone()
+            .unwrap_or_else(|| config.state.dir.clone());
         let actor = crate::domain::audit::Actor::Peer {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             pid: Some(std::process::id() as i32),
         };
         let pin = crate::hsm::read_pin(&config.hsm.pin_path()?)?;
+        // The PostgreSQL password too is read as root.
+        let opener = crate::store::Opener::new(config, state_dir)?;
         // A state directory not made yet (no daemon has run) is made by store::open as root.
         let owner = match std::fs::metadata(&dir) {
             Ok(meta) => Some((meta.uid(), meta.gid())),
@@ -232,7 +236,7 @@ impl Offline {
         }
         // Secrets pass through this process: no core dumps, no ptrace by others.
         crate::domain::secret::harden_process();
-        let store = crate::store::open(&dir)?;
+        let store = opener.open()?;
         let (hsm, thread) = crate::hsm::open_with(config, pin)?;
         crate::keyring::anchor::open(store.as_ref(), &hsm)?;
         Ok(Offline {

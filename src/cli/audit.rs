@@ -1,4 +1,5 @@
-//! `audit verify`: the audit log and the state against the HSM anchor, read-only.
+//! `audit verify`: the audit log and the state against the HSM anchor, read-only (with a
+//! shared PostgreSQL state: the chain and every MAC, no anchor).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,8 +38,7 @@ pub(super) fn verify(
         );
     }
     let config = Config::load(config_path)?;
-    let dir = state_dir.unwrap_or_else(|| config.state.dir.clone());
-    let store = crate::store::open_read_only(&dir)?;
+    let store = crate::store::Opener::new(&config, state_dir)?.open_read_only()?;
     let (hsm, hsm_thread) = crate::hsm::open(&config)?;
     let verdict = crate::keyring::anchor::verify(store.as_ref(), &hsm);
     // Let the worker log out and finalize the module before the process exits.

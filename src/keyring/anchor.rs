@@ -7,6 +7,12 @@
 //! line naming what is missing; ahead of it (a crash between a commit and its anchor
 //! update) is accepted once the entries after the anchor pass their MACs, and the anchor
 //! is caught up. `verify` is the full check of `audit verify`, read-only.
+//!
+//! A state several nodes write (PostgreSQL: `Store::anchored` is false) has no anchor: its
+//! head moves on other nodes, whose anchors would fight over the HSM's slots. Entries are
+//! still MACed; at start and in `audit verify` the whole chain must be intact and every
+//! entry must pass its MAC. A database restored from an older backup is not detected
+//! there (the operator's PostgreSQL is trusted for that).
 
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +28,8 @@ pub const AUDIT_MAC_KEY: &str = "keyd-system/audit-mac";
 /// MACs audit entries and keeps the anchor; one writer of anchors at a time.
 pub struct Sealer {
     hsm: HsmWorker,
-    written: Mutex<Written>,
+    /// `None`: a shared state, not anchored.
+    written: Option<Mutex<Written>>,
 }
 
 /// The last anchor written (or found level with the state).
@@ -53,7 +60,10 @@ impl AuditSeal for Sealer {
 impl Sealer {
     /// Writes an anchor of the state as it is now, unless the last one already says so.
     fn update(&self, store: &dyn Store) -> Result<()> {
-        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(written) = &self.written else {
+            return Ok(());
+        };
+        let mut written = written.lock().unwrap_or_else(|p| p.into_inner());
         let head = store.head()?;
         if head == written.head {
             return Ok(());
@@ -141,6 +151,9 @@ fn mac_check(hsm: &HsmWorker) -> impl FnMut(&[String]) -> Result<Vec<String>> + 
 /// against the anchor, catches the anchor up (or writes the first one) and installs the
 /// seal. Blocking.
 pub fn open(store: &dyn Store, hsm: &HsmWorker) -> Result<Arc<Sealer>> {
+    if !store.anchored() {
+        return open_shared(store, hsm);
+    }
     let stored = hsm.call_blocking(|h| h.read_anchors())?;
     let has_macs = store.audit_has_macs()?;
     let head = store.head()?;
@@ -190,10 +203,42 @@ pub fn open(store: &dyn Store, hsm: &HsmWorker) -> Result<Arc<Sealer>> {
     };
     let sealer = Arc::new(Sealer {
         hsm: hsm.clone(),
-        written: Mutex::new(Written { counter, head }),
+        written: Some(Mutex::new(Written { counter, head })),
     });
     store.set_audit_seal(sealer.clone());
     Ok(sealer)
+}
+
+/// `open` for a shared state: the audit key made by the first node only (under the state's
+/// exclusive lock, so that two nodes starting at once do not make two), then the whole
+/// chain checked, every entry with its MAC.
+fn open_shared(store: &dyn Store, hsm: &HsmWorker) -> Result<Arc<Sealer>> {
+    store.exclusive(&mut || ensure_key(hsm, !store.audit_has_macs()?))?;
+    if let Err((seq, why)) = walk_shared(store, hsm)? {
+        return Err(Error::integrity(format!(
+            "audit log entry {seq} fails its check: {why} (see `incountry-keyd audit verify`)"
+        )));
+    }
+    let sealer = Arc::new(Sealer {
+        hsm: hsm.clone(),
+        written: None,
+    });
+    store.set_audit_seal(sealer.clone());
+    Ok(sealer)
+}
+
+/// The chain of a shared state from the genesis, every entry with its MAC.
+fn walk_shared(
+    store: &dyn Store,
+    hsm: &HsmWorker,
+) -> Result<std::result::Result<audit::Walked, (i64, String)>> {
+    let mut read = |since, limit| store.audit_since(since, limit);
+    let mut check = mac_check(hsm);
+    let macs = Macs {
+        check: &mut check,
+        legacy_until: 0,
+    };
+    audit::walk(&mut read, Start::genesis(), Some(macs))
 }
 
 /// The anchored entry and every one after it: chained, and MACed by this HSM.
@@ -233,6 +278,18 @@ pub enum Verdict {
 /// anchor. Read-only (neither the anchor nor the MAC key is written). The anchor is read
 /// before the state, so a daemon committing meanwhile only puts the state ahead.
 pub fn verify(store: &dyn Store, hsm: &HsmWorker) -> Result<Verdict> {
+    if !store.anchored() {
+        if store.audit_has_macs()? {
+            ensure_key(hsm, false)?;
+        }
+        return Ok(match walk_shared(store, hsm)? {
+            Ok(w) => Verdict::Intact(format!(
+                "{} audit entries, chain and {} MACs intact; shared PostgreSQL state: no HSM anchor (a database restored from an older backup is not detected here)",
+                w.entries, w.macs_checked
+            )),
+            Err((seq, why)) => Verdict::Broken(format!("BROKEN at sequence {seq}: {why}")),
+        });
+    }
     let stored = hsm.call_blocking(|h| h.read_anchors())?;
     let has_macs = store.audit_has_macs()?;
     let head = store.head()?;

@@ -188,7 +188,20 @@ impl Keyring {
         self.store.unavailable()
     }
 
-    /// Audit entries after `since`, oldest first, at most `limit`.
+    /// Audit entries after `since`, oldest first, at most `limit`, read off the runtime
+    /// (the state may be a database across the network).
+    pub async fn audit_page(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::domain::audit::AuditRecord>> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.audit_since(since, limit))
+            .await
+            .map_err(|e| Error::internal(format!("audit reader: {e}")))?
+    }
+
+    /// `audit_page`, blocking the calling thread (tests, blocking callers).
     pub fn audit_since(
         &self,
         since: i64,

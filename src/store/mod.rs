@@ -1,21 +1,30 @@
 //! Durable state behind the [`Store`] trait: keys and their versions in wrapped form only,
 //! encryption counts, admins' TOTP secrets and attempts, and the MACed, hash-chained audit
-//! log. The daemon's backend is SQLite ([`SqliteStore`]: WAL, synchronous FULL, one file
-//! under the state directory); every layer above holds an `Arc<dyn Store>`.
+//! log. Two backends: SQLite ([`SqliteStore`]: WAL, synchronous FULL, one file under the
+//! state directory; the default) and PostgreSQL ([`PgStore`]: one database several nodes
+//! share); every layer above holds an `Arc<dyn Store>`.
 
+// The contract's tests, for any backend: unit tests (SQLite) and, in test-clock builds,
+// the integration tests (PostgreSQL).
+#[cfg(any(test, feature = "test-clock"))]
+pub mod conformance;
+mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 mod types;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::config::{Config, StateBackend};
 
 use crate::domain::audit::anchor::StateHead;
 use crate::domain::audit::{AuditEntry, AuditRecord};
 use crate::domain::error::Result;
 use crate::domain::KeyId;
 
+pub use postgres::{PgConnect, PgStore, CHANGES_CHANNEL};
 pub use sqlite::{SqliteStore, DB_FILE};
 pub use types::{
     SealedCheck, StoredAws, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits,
@@ -124,8 +133,18 @@ pub trait Store: Send + Sync + 'static {
     /// Whether any audit entry carries a MAC.
     fn audit_has_macs(&self) -> Result<bool>;
 
-    /// `Some(reason)` while writes fail for a reason of the disk (full, I/O error,
-    /// read-only); clears at the next write that succeeds.
+    /// Whether the HSM anchor can follow this state's head: true when this process is its
+    /// only writer (SQLite, under its lock); false for a state several nodes write
+    /// (PostgreSQL), whose head moves without this node knowing.
+    fn anchored(&self) -> bool;
+    /// Runs `f` while no other process runs an `exclusive` section on the same state
+    /// (PostgreSQL: a session advisory lock; SQLite: the state lock already excludes
+    /// everyone). For set-up that must happen once, such as making the HSM's audit key.
+    fn exclusive(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()>;
+
+    /// `Some(reason)` while the state fails for a reason of the disk (full, I/O error,
+    /// read-only) or of the database's server (connection lost, shut down); clears at the
+    /// next operation that succeeds.
     fn unavailable(&self) -> Option<String>;
 }
 
@@ -139,23 +158,66 @@ pub trait AuditSeal: Send + Sync {
     fn appended(&self, store: &dyn Store);
 }
 
-/// Opens (creating if needed) the state under `dir` for the daemon or an offline admin
-/// tool: takes the state lock, applies migrations.
+/// Opens (creating if needed) the SQLite state under `dir`: takes the state lock, applies
+/// migrations.
 pub fn open(dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
     Ok(Arc::new(SqliteStore::open(dir)?))
 }
 
-/// Opens the state under `dir` read-only (`audit verify`): no lock, no migrations, and
-/// every write is refused.
+/// Opens the SQLite state under `dir` read-only (`audit verify`): no lock, no migrations,
+/// and every write is refused.
 pub fn open_read_only(dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
     Ok(Arc::new(SqliteStore::open_read_only(dir)?))
 }
 
-/// A seal for unit tests of the state: a fixed MAC, no anchor.
-#[cfg(test)]
+/// The state the config names, found but not opened yet: secrets it needs (the PostgreSQL
+/// password) are read here, so that an offline tool reads them before it drops root.
+pub enum Opener {
+    Sqlite(PathBuf),
+    Postgres(Box<PgConnect>),
+}
+
+impl Opener {
+    /// The config's backend; `state_dir` (a tool's `--state-dir`) names a SQLite state
+    /// whatever the backend.
+    pub fn new(config: &Config, state_dir: Option<PathBuf>) -> anyhow::Result<Opener> {
+        Ok(match (state_dir, config.state.backend) {
+            (Some(dir), _) => Opener::Sqlite(dir),
+            (None, StateBackend::Sqlite) => Opener::Sqlite(config.state.dir.clone()),
+            (None, StateBackend::Postgres) => {
+                Opener::Postgres(Box::new(PgConnect::from_config(config)?))
+            }
+        })
+    }
+
+    /// For the daemon or an offline admin tool: creates the state if needed, applies
+    /// migrations (SQLite: takes the state lock).
+    pub fn open(self) -> anyhow::Result<Arc<dyn Store>> {
+        match self {
+            Opener::Sqlite(dir) => open(&dir),
+            Opener::Postgres(c) => Ok(Arc::new(PgStore::open(*c)?)),
+        }
+    }
+
+    /// Read-only (`audit verify`): no migrations, every write refused.
+    pub fn open_read_only(self) -> anyhow::Result<Arc<dyn Store>> {
+        match self {
+            Opener::Sqlite(dir) => open_read_only(&dir),
+            Opener::Postgres(c) => Ok(Arc::new(PgStore::open_read_only(*c)?)),
+        }
+    }
+}
+
+/// The daemon's state, as its config names it.
+pub fn open_for(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Opener::new(config, None)?.open()
+}
+
+/// A seal for tests of the state: a fixed MAC, no anchor.
+#[cfg(any(test, feature = "test-clock"))]
 pub struct TestSeal;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "test-clock"))]
 impl AuditSeal for TestSeal {
     fn mac(&self, _: &str) -> Result<String> {
         Ok("00".repeat(crate::domain::audit::MAC_LEN))

@@ -281,6 +281,15 @@ impl Store for SqliteStore {
         audit_log::has_macs(&self.conn())
     }
 
+    /// This process holds the state lock: the anchor follows every change.
+    fn anchored(&self) -> bool {
+        true
+    }
+
+    fn exclusive(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        f()
+    }
+
     fn unavailable(&self) -> Option<String> {
         self.unavailable
             .lock()

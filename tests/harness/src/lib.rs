@@ -1,11 +1,13 @@
 //! What the integration tests and benchmarks share: the real daemon binary against a fresh
 //! SoftHSM token in a temp dir (`Daemon`), HTTP to it through the crate's own client
 //! (`request`), raw sockets for the tests that send malformed or partial requests on purpose
-//! (`raw`), the InCountry SDK and TOTP tools (`sdk`, `totp`), and moto's KMS (`moto`).
+//! (`raw`), the InCountry SDK and TOTP tools (`sdk`, `totp`), moto's KMS (`moto`), and a
+//! private PostgreSQL (`postgres`).
 
 mod daemon;
 mod http;
 pub mod moto;
+pub mod postgres;
 pub mod raw;
 mod sdk;
 pub mod totp;
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 pub use daemon::{Daemon, Options, Token};
 pub use http::{request, try_request, Reply, TIMEOUT};
+pub use postgres::Postgres;
 pub use sdk::{moto_python, sdk, sdk_python};
 
 pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";

@@ -1,0 +1,170 @@
+//! `Store` for `PgStore`: each method as one operation on one connection (a change: one
+//! transaction with its audit entry).
+
+use std::sync::Arc;
+
+use super::{audit_log, keys, totp, PgStore, EXCLUSIVE_LOCK};
+use crate::domain::audit::anchor::StateHead;
+use crate::domain::audit::{AuditEntry, AuditRecord};
+use crate::domain::error::Result;
+use crate::domain::KeyId;
+use crate::store::{
+    AuditSeal, Store, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits,
+};
+
+impl Store for PgStore {
+    fn load_all(&self) -> Result<Vec<StoredKey>> {
+        self.snapshot(async |tx| keys::load_all(tx).await)
+    }
+
+    fn load_key(&self, id: &KeyId) -> Result<Option<StoredKey>> {
+        self.snapshot(async |tx| keys::load_key(tx, id).await)
+    }
+
+    fn add_version(
+        &self,
+        id: &KeyId,
+        rotation_period_days: Option<u32>,
+        v: &StoredVersion,
+        audit: &AuditEntry,
+    ) -> Result<()> {
+        self.write(async |tx| {
+            keys::add_version(tx, id, rotation_period_days, v).await?;
+            audit_log::append(tx, audit).await
+        })
+    }
+
+    fn set_rotation_period(&self, id: &KeyId, days: Option<u32>, audit: &AuditEntry) -> Result<()> {
+        self.write(async |tx| {
+            keys::set_rotation_period(tx, id, days).await?;
+            audit_log::append(tx, audit).await
+        })
+    }
+
+    fn aws_seals(&self, id: &KeyId, version: u32) -> Result<Option<StoredAwsSeals>> {
+        self.run(async |c| keys::aws_seals(c, id, version).await)
+    }
+
+    fn encryptions(&self, id: &KeyId, version: u32) -> Result<u64> {
+        self.run(async |c| keys::encryptions(c, id, version).await)
+    }
+
+    fn reserve_encryptions(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()> {
+        self.write(async |tx| keys::reserve_encryptions(tx, id, version, at_least).await)
+    }
+
+    fn set_encryptions(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
+        self.write(async |tx| keys::set_encryptions(tx, counts).await)
+    }
+
+    fn totp_get(&self, uid: u32) -> Result<Option<StoredTotp>> {
+        self.run(async |c| totp::get(c, uid).await)
+    }
+
+    fn totp_count(&self) -> Result<u64> {
+        self.run(async |c| totp::count(c).await)
+    }
+
+    fn totp_put(&self, uid: u32, t: &StoredTotp, created: i64, audit: &AuditEntry) -> Result<()> {
+        self.write(async |tx| {
+            totp::put(tx, uid, t, created).await?;
+            audit_log::append(tx, audit).await
+        })
+    }
+
+    fn totp_delete(&self, uid: u32, audit: &AuditEntry) -> Result<bool> {
+        self.write(async |tx| {
+            let had = totp::delete(tx, uid).await?;
+            audit_log::append(tx, audit).await?;
+            Ok(had)
+        })
+    }
+
+    fn totp_locked_until(&self, uid: u32, now: i64) -> Result<Option<i64>> {
+        self.run(async |c| totp::locked_until(c, uid, now).await)
+    }
+
+    fn totp_attempt_begin(
+        &self,
+        uid: u32,
+        now: i64,
+        limits: TotpLimits,
+    ) -> Result<std::result::Result<(), i64>> {
+        self.write(async |tx| totp::attempt_begin(tx, uid, now, limits).await)
+    }
+
+    fn totp_attempt_failed(&self, uid: u32, now: i64, limits: TotpLimits) -> Result<Option<i64>> {
+        self.write(async |tx| totp::attempt_failed(tx, uid, now, limits).await)
+    }
+
+    fn totp_attempt_passed(&self, uid: u32, step: u64) -> Result<bool> {
+        self.write(async |tx| totp::attempt_passed(tx, uid, step).await)
+    }
+
+    fn totp_attempt_withdraw(&self, uid: u32) -> Result<()> {
+        self.write(async |tx| totp::withdraw_attempt(tx, uid).await)
+    }
+
+    fn set_audit_seal(&self, seal: Arc<dyn AuditSeal>) {
+        *self.seal.lock().unwrap_or_else(|p| p.into_inner()) = Some(seal);
+    }
+
+    fn audit(&self, entry: &AuditEntry) -> Result<()> {
+        self.write(async |tx| audit_log::append(tx, entry).await)
+    }
+
+    fn audit_since(&self, since: i64, limit: usize) -> Result<Vec<AuditRecord>> {
+        self.run(async |c| audit_log::read(c, since, limit).await)
+    }
+
+    fn head(&self) -> Result<StateHead> {
+        self.snapshot(async |tx| audit_log::head(tx).await)
+    }
+
+    fn audit_hash_at(&self, seq: i64) -> Result<Option<String>> {
+        self.run(async |c| audit_log::hash_at(c, seq).await)
+    }
+
+    fn audit_has_macs(&self) -> Result<bool> {
+        self.run(async |c| audit_log::has_macs(c).await)
+    }
+
+    /// Several nodes write this state: the HSM anchor cannot follow its head.
+    fn anchored(&self) -> bool {
+        false
+    }
+
+    /// A session advisory lock, held on one connection while `f` runs (released when the
+    /// connection is lost too).
+    fn exclusive(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let mut lease = self.pool.take()?;
+        let locked = self.on(&mut lease, async |c| {
+            c.execute("SELECT pg_advisory_lock($1)", &[&EXCLUSIVE_LOCK])
+                .await?;
+            Ok(())
+        });
+        self.note(&locked);
+        if locked.is_err() {
+            lease.discard();
+        }
+        locked?;
+        let out = f();
+        let unlocked = self.on(&mut lease, async |c| {
+            c.execute("SELECT pg_advisory_unlock($1)", &[&EXCLUSIVE_LOCK])
+                .await?;
+            Ok(())
+        });
+        if unlocked.is_err() {
+            // Closing the session releases the lock.
+            lease.discard();
+        }
+        out
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.unavailable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
