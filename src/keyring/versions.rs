@@ -118,6 +118,10 @@ impl Keyring {
             ));
         }
 
+        let root_made = match version == 1 && !self.store.anchored() {
+            true => self.make_root_once(id).await?,
+            false => false,
+        };
         let (key, iv, wrapped, root_created, stored_aws, aws_ref) = match aws {
             None => {
                 let (key, iv, wrapped, root_created) = self.make_managed(id, version).await?;
@@ -163,7 +167,7 @@ impl Keyring {
             id,
         )
         .await?;
-        if root_created {
+        if root_created || root_made {
             tracing::info!(env = %id.env, country = %id.country, "created root key in HSM");
         }
         if aws_ref.is_some() {
@@ -190,6 +194,25 @@ impl Keyring {
             created: rfc3339(now.unix_timestamp()),
             key_created: version == 1,
         })
+    }
+
+    /// A new key's root key on a shared state (several nodes, one HSM key set): made under
+    /// the state's exclusive lock, so that nodes creating the same key at once make one root
+    /// key, not two under one label (the node whose version loses gets `version_conflict`;
+    /// the root key is adopted). Whether this call made it.
+    async fn make_root_once(&self, id: &KeyId) -> Result<bool> {
+        let (store, hsm, label) = (self.store.clone(), self.hsm.clone(), id.root_label());
+        tokio::task::spawn_blocking(move || {
+            let mut made = false;
+            store.exclusive(&mut || {
+                let label = label.clone();
+                made = hsm.call_blocking(move |h| h.ensure_root_key(&label, true))?;
+                Ok(())
+            })?;
+            Ok(made)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("root key maker: {e}")))?
     }
 
     /// A fresh data key from the HSM RNG, written straight into its locked page (what

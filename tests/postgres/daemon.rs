@@ -69,12 +69,39 @@ fn the_daemon_on_postgres_keeps_its_keys_across_a_restart_and_verifies() {
         .push(("SOFTHSM2_CONF".into(), d.token.conf().into_os_string()));
     let second = second.launch();
     assert_eq!(second.secrets("prod", "DE"), before);
+    // Both nodes create the same key at once: one wins, the other gets version_conflict,
+    // and the HSM holds one root key for it (both unwrap it after a restart).
+    let statuses = std::thread::scope(|s| {
+        let a = s.spawn(|| d.create_managed("prod", "FR", 30));
+        let b = s.spawn(|| second.create_managed("prod", "FR", 30));
+        [a.join().unwrap(), b.join().unwrap()]
+    });
+    let mut codes: Vec<(u16, String)> = statuses
+        .iter()
+        .map(|r| {
+            (
+                r.status,
+                if r.status == 201 {
+                    String::new()
+                } else {
+                    r.error_code()
+                },
+            )
+        })
+        .collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [(201, String::new()), (409, "version_conflict".to_string())]
+    );
     // A change on the second node is in the shared state: the first sees it from its next
     // start (before propagation, a later step).
     assert_eq!(second.rotate("prod", "DE").status, 201);
     let d = d.restart();
+    let second = second.restart();
     assert_eq!(d.versions("prod", "DE").len(), 3);
+    assert_eq!(d.secrets("prod", "FR"), second.secrets("prod", "FR"));
+    assert_eq!(d.secrets("prod", "DE"), second.secrets("prod", "DE"));
     let (ok, text) = verify(&d);
     assert!(ok, "{text}");
-    drop(second);
 }
