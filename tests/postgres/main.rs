@@ -5,6 +5,7 @@
 //! - `nodes`: what several nodes on one database rely on: two writers racing for a version
 //!   number (one wins), audit entries appended from two nodes at once (one chain), TOTP
 //!   failures, locks and used steps shared, nodes starting at once, an outage;
+//! - `tls`: verify-full over TCP (rustls), against a CA of the test's own;
 //! - `daemon`: the real daemon with `state.backend = "postgres"`.
 //!
 //! `store` and `nodes` use the crate's test doubles, built with the test-clock feature.
@@ -15,6 +16,7 @@ mod nodes;
 mod store;
 
 mod daemon;
+mod tls;
 
 #[cfg(not(feature = "test-clock"))]
 #[test]

@@ -2,7 +2,8 @@
 //! (PostgreSQL refuses to run as root, and the tests run as root), listening only on a Unix
 //! socket in that dir (no TCP), with a role `keyd` that logs in with a password
 //! (SCRAM). Ready once `pg_isready` says so (polled); stopped (`pg_ctl stop -m fast`) on
-//! drop, also when the test panics. `stop` and `start` make outages.
+//! drop, also when the test panics. `stop` and `start` make outages. `enable_tls` adds a
+//! TLS listener on a loopback port, with a certificate from a CA of the test's own.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,6 +21,8 @@ pub struct Postgres {
     pub tmp: tempfile::TempDir,
     bin: PathBuf,
     running: bool,
+    /// The port: names the socket file, and the loopback listener once TLS is on.
+    port: u16,
 }
 
 /// The newest PostgreSQL's binaries (`/usr/lib/postgresql/VERSION/bin`, Debian's layout).
@@ -60,6 +63,7 @@ impl Postgres {
             tmp,
             bin: bin_dir(),
             running: false,
+            port: 5432,
         };
         let data = pg.data();
         check(
@@ -149,6 +153,7 @@ impl Postgres {
             let ready = Command::new(self.bin.join("pg_isready"))
                 .arg("-h")
                 .arg(self.socket_dir())
+                .args(["-p", &self.port.to_string()])
                 .args(["-U", "postgres", "-d", "postgres", "-q"])
                 .status()
                 .unwrap()
@@ -188,6 +193,7 @@ impl Postgres {
             Command::new(self.bin.join("psql"))
                 .arg("-h")
                 .arg(self.socket_dir())
+                .args(["-p", &self.port.to_string()])
                 .args(["-U", "postgres", "-d", db, "-X", "-q", "-A", "-t"])
                 .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
                 .output()
@@ -205,9 +211,98 @@ impl Postgres {
     /// The URL of `db` for the daemon's role, over the socket.
     pub fn url(&self, db: &str) -> String {
         format!(
-            "postgresql://{ROLE}@/{db}?host={}",
-            self.socket_dir().display()
+            "postgresql://{ROLE}@/{db}?host={}&port={}",
+            self.socket_dir().display(),
+            self.port
         )
+    }
+
+    /// Restarts the server with TLS on a free loopback port as well, its certificate (for
+    /// the name `localhost` only, not 127.0.0.1) signed by a new CA; the CA's certificate
+    /// file. Logins over TCP must use TLS.
+    pub fn enable_tls(&mut self) -> PathBuf {
+        let dir = self.tmp.path().to_path_buf();
+        let ca = make_ca(&dir, "ca");
+        let data = self.data();
+        let openssl = |args: &[&str]| {
+            check(
+                &format!("openssl {args:?}"),
+                Command::new("openssl")
+                    .args(args)
+                    .current_dir(&dir)
+                    .output()
+                    .unwrap(),
+            )
+        };
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName = DNS:localhost\nbasicConstraints = CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ]);
+        for file in ["server.crt", "server.key"] {
+            std::fs::copy(dir.join(file), data.join(file)).unwrap();
+            std::os::unix::fs::chown(data.join(file), Some(PG_UID), Some(PG_UID)).unwrap();
+            std::fs::set_permissions(
+                data.join(file),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        // A free port: bound and released (the server takes it a moment later).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        self.stop();
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str(&format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        let mut hba = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap();
+        hba.push_str("hostssl all all 127.0.0.1/32 scram-sha-256\n");
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        self.port = port;
+        self.start();
+        ca
+    }
+
+    /// The port (of the socket file; after `enable_tls`, of the loopback listener too).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The config lines for `db`: `[state]` (the backend) and `[postgres]`.
@@ -233,6 +328,35 @@ impl Drop for Postgres {
             }
         }
     }
+}
+
+/// A new self-signed CA under `dir` (`NAME.key`, `NAME.crt`); its certificate's path.
+pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    check(
+        "openssl req -x509",
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args([
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=keyd test {name}"),
+            ])
+            .args(["-keyout", &key, "-out", &crt])
+            .current_dir(dir)
+            .output()
+            .unwrap(),
+    );
+    dir.join(crt)
 }
 
 /// A number no other call in this process returns.
