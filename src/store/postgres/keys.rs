@@ -282,10 +282,12 @@ pub(super) async fn reserve_encryptions(
     Ok(())
 }
 
+/// A clean stop's counts. Never lowers a count here: another node may have reserved past
+/// this node's exact count, and the stored count must stay at least what all nodes made.
 pub(super) async fn set_encryptions(tx: &Tx<'_>, counts: &[(KeyId, u32, u64)]) -> Result<()> {
     for (id, version, n) in counts {
         tx.execute(
-            "UPDATE versions SET encryptions = $4
+            "UPDATE versions SET encryptions = GREATEST(encryptions, $4)
              WHERE version = $3 AND key_id = (SELECT id FROM keys WHERE environment = $1 AND country = $2)",
             &[
                 &id.env,
