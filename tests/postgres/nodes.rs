@@ -116,6 +116,11 @@ fn two_nodes_racing_for_a_version_number_one_wins() {
         a.head().unwrap().keys.get(&("prod".into(), "DE".into())),
         Some(&20)
     );
+    // Encryption counts only grow: a node's clean stop does not undercut another's
+    // reservation.
+    a.reserve_encryptions(&de, 20, 65_536).unwrap();
+    b.set_encryptions(&[(de.clone(), 20, 10)]).unwrap();
+    assert_eq!(b.encryptions(&de, 20).unwrap(), 65_536);
 }
 
 #[test]
