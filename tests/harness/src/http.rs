@@ -187,8 +187,10 @@ pub fn try_request(
             raw.push_str("\r\n");
             let mut bytes = raw.into_bytes();
             bytes.extend_from_slice(body.as_deref().unwrap_or_default());
-            crate::raw::parse(&crate::raw::exchange(socket, &bytes, timeout))
-                .map_err(|p| format!("{e}; read raw: {p}"))
+            // No daemon to ask again (killed by the test): the failed write is the answer.
+            let raw = crate::raw::try_exchange(socket, &bytes, timeout)
+                .map_err(|c| format!("{e}; read raw: connect: {c}"))?;
+            crate::raw::parse(&raw).map_err(|p| format!("{e}; read raw: {p}"))
         }
         other => other,
     }
