@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 pub use harness::Reply;
-use harness::{raw, request};
+use harness::{raw, request, Secrets};
 use incountry_keyd::api::App;
 use incountry_keyd::api::{self, Peer, Role};
 use incountry_keyd::config::Config;
@@ -27,6 +27,7 @@ use incountry_keyd::domain::clock::Clock;
 use incountry_keyd::hsm::{Hsm, HsmError, HsmWorker, MAC_LEN, WRAP_IV_LEN};
 use incountry_keyd::keyring::Keyring;
 use incountry_keyd::kms::{AwsKeyRef, DecryptFuture, KmsDecrypt};
+use incountry_keyd::proto::KeyDocument;
 use incountry_keyd::store;
 use incountry_keyd::verify::Verifier;
 
@@ -316,27 +317,24 @@ impl InProcess {
             path,
             &json!({"type": "incountry-managed", "rotation_period_days": 30}),
         )
-        .ok(201);
+        .assert_status(201);
     }
 
     /// The key document at `path`, for what a change wrote.
-    pub fn key_doc(&self, path: &str) -> Value {
+    pub fn key_doc(&self, path: &str) -> KeyDocument {
         self.request("GET", path, b"").ok(200)
     }
 
     /// The data keys of a key, by version, from its secrets document.
     pub fn data_keys(&self, env: &str, country: &str) -> HashMap<u32, [u8; 32]> {
-        let doc = self.key_doc(&format!("/v1/keys/{env}/{country}/secrets"));
-        doc["secrets"]
-            .as_array()
-            .unwrap()
+        let r = self.request("GET", &format!("/v1/keys/{env}/{country}/secrets"), b"");
+        r.assert_status(200);
+        Secrets::parse(r.body)
+            .secrets
             .iter()
             .map(|s| {
-                let key = STANDARD.decode(s["secret"].as_str().unwrap()).unwrap();
-                (
-                    s["version"].as_u64().unwrap() as u32,
-                    key.try_into().unwrap(),
-                )
+                let key = STANDARD.decode(s.secret.as_bytes()).unwrap();
+                (s.version, key.try_into().unwrap())
             })
             .collect()
     }
