@@ -9,7 +9,6 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Value};
 
-use incountry_keyd::domain::clock::Clock;
 use incountry_keyd::domain::{Code, VersionType};
 use incountry_keyd::proto::KeyDocument;
 

@@ -6,7 +6,6 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 
-use incountry_keyd::domain::clock::Clock;
 use incountry_keyd::domain::Code;
 
 use crate::daemon::{me, InProcess};
