@@ -270,7 +270,7 @@ fn a_state_ahead_of_the_anchor_is_accepted_and_the_anchor_caught_up() {
         "{}",
         d.log_text()
     );
-    assert_eq!(d.secrets("prod", "DE")["currentVersion"], 2);
+    assert_eq!(d.secrets("prod", "DE").current_version, 2);
     let (ok, out) = verify(&d);
     assert!(ok && out.contains("matches the HSM anchor"), "{out}");
     // Caught up: cutting the entry that was ahead is now seen.

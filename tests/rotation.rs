@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use harness::{bin, needs_test_clock, wait_until, Daemon, Options};
+use harness::{bin, needs_test_clock, wait_until, Daemon, Options, Secrets};
+use incountry_keyd::domain::audit::AuditOutcome;
+use incountry_keyd::domain::VersionStatus;
+use incountry_keyd::proto::KeyDocument;
 use serde_json::json;
 
 const DAY: i64 = 86_400;
@@ -15,8 +18,7 @@ fn thirty_day_key_rotates_exactly_once() {
     needs_test_clock!();
     let d = Daemon::start();
     assert_eq!(d.create_managed("prod", "DE", 30).status, 201);
-    let show = d.get("/v1/keys/prod/DE").json();
-    assert!(show["next_rotation"].is_string());
+    assert!(d.key("prod", "DE").next_rotation.is_some());
     let etag1 = d
         .get("/v1/keys/prod/DE/secrets")
         .header("etag")
@@ -34,21 +36,20 @@ fn thirty_day_key_rotates_exactly_once() {
     d.advance_and_settle(60);
     let versions = d.versions("prod", "DE");
     assert_eq!(versions.len(), 2);
-    assert_eq!(versions[0]["status"], "deprecated");
-    assert_eq!(versions[1]["status"], "active");
+    assert_eq!(versions[0].status, VersionStatus::Deprecated);
+    assert_eq!(versions[1].status, VersionStatus::Active);
     let secrets = d.get("/v1/keys/prod/DE/secrets");
-    assert_eq!(secrets.json()["currentVersion"], 2);
+    assert_eq!(Secrets::parse(secrets.body.clone()).current_version, 2);
     assert_ne!(secrets.header("etag").unwrap(), etag1);
 
-    let audit = d.get("/v1/audit?since=0").json();
-    let timer: Vec<_> = audit["entries"]
-        .as_array()
-        .unwrap()
+    let audit = d.audit(0);
+    let timer: Vec<_> = audit
+        .entries
         .iter()
-        .filter(|e| e["actor"] == "timer" && e["action"] == "rotate" && e["outcome"] == "ok")
+        .filter(|e| e.actor == "timer" && e.action == "rotate" && e.outcome == AuditOutcome::Ok)
         .collect();
-    assert_eq!(timer.len(), 1, "{audit}");
-    assert_eq!(timer[0]["version"], 2);
+    assert_eq!(timer.len(), 1, "{audit:?}");
+    assert_eq!(timer[0].version, Some(2));
 
     let metrics = d.get("/metrics").text();
     assert!(metrics.contains("keyd_rotations_total 1"), "{metrics}");
@@ -135,15 +136,15 @@ fn long_poll_wakes_on_rotation_and_times_out_without_change() {
                 &[("If-None-Match", &etag)],
                 b"",
             );
-            (r.status, r.json(), Instant::now())
+            (r.status, r.body, Instant::now())
         })
     };
     // If the waiter is not parked yet when the rotation lands, it sees the change at once.
     let rotated_at = Instant::now();
     assert_eq!(d.rotate("prod", "ES").status, 201);
-    let (status, doc, got_at) = waiter.join().unwrap();
+    let (status, body, got_at) = waiter.join().unwrap();
     assert_eq!(status, 200);
-    assert_eq!(doc["currentVersion"], 2);
+    assert_eq!(Secrets::parse(body).current_version, 2);
     let latency = got_at.saturating_duration_since(rotated_at);
     assert!(
         latency.as_secs_f64() < 1.0,
@@ -180,21 +181,16 @@ fn rotations_under_read_load_are_consistent() {
                         failures.push(format!("{path}: {}", r.status));
                         continue;
                     }
-                    let doc = r.json();
                     if path.ends_with("secrets") {
-                        let current = &doc["currentVersion"];
-                        if !doc["secrets"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .any(|s| &s["version"] == current)
-                        {
-                            failures.push(format!("inconsistent document {doc}"));
+                        let doc = Secrets::parse(r.body);
+                        if !doc.secrets.iter().any(|s| s.version == doc.current_version) {
+                            failures.push(format!("inconsistent document {doc:?}"));
                         }
-                    } else if doc["versions"].as_array().unwrap().last().unwrap()["status"]
-                        != "active"
-                    {
-                        failures.push(format!("inconsistent key {doc}"));
+                    } else {
+                        let doc: KeyDocument = r.read();
+                        if doc.versions.last().unwrap().status != VersionStatus::Active {
+                            failures.push(format!("inconsistent key {doc:?}"));
+                        }
                     }
                     ok.fetch_add(1, Ordering::Relaxed);
                 }
@@ -244,33 +240,24 @@ fn audit_chain_verifies_and_detects_edits_and_deletions() {
     assert_eq!(r.status, 200);
     assert_eq!(d.create_managed("prod", "NO", 45).status, 400); // refused: audited
 
-    let entries = d.get("/v1/audit?since=0").json()["entries"]
-        .as_array()
-        .unwrap()
-        .clone();
-    let summary: Vec<(String, String)> = entries
+    let entries = d.audit(0).entries;
+    let summary: Vec<(&str, AuditOutcome)> = entries
         .iter()
-        .map(|e| {
-            (
-                e["action"].as_str().unwrap().into(),
-                e["outcome"].as_str().unwrap().into(),
-            )
-        })
+        .map(|e| (e.action.as_str(), e.outcome))
         .collect();
     let expect = [
-        ("create", "ok"),
-        ("rotate", "refused"),
-        ("rotate", "ok"),
-        ("settings", "ok"),
-        ("create", "refused"),
+        ("create", AuditOutcome::Ok),
+        ("rotate", AuditOutcome::Refused),
+        ("rotate", AuditOutcome::Ok),
+        ("settings", AuditOutcome::Ok),
+        ("create", AuditOutcome::Refused),
     ];
-    for (a, o) in expect {
-        assert!(summary.contains(&(a.into(), o.into())), "{summary:?}");
+    for e in expect {
+        assert!(summary.contains(&e), "{summary:?}");
     }
-    assert_eq!(entries[0]["uid"], 0);
-    assert!(entries[0]["pid"].is_number());
-    let later = d.get("/v1/audit?since=3").json();
-    assert_eq!(later["entries"][0]["seq"], 4);
+    assert_eq!(entries[0].uid, Some(0));
+    assert!(entries[0].pid.is_some());
+    assert_eq!(d.audit(3).entries[0].seq, 4);
 
     let (ok, out) = audit_verify(&d);
     assert!(ok, "{out}");
@@ -308,12 +295,11 @@ fn secrets_watch_prints_each_new_document() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert_eq!(first["currentVersion"], 1);
+    let mut next = || Secrets::parse(lines.next().unwrap().unwrap().into_bytes());
+    assert_eq!(next().current_version, 1);
     for expected in 2..=3 {
         assert_eq!(d.rotate("prod", "PT").status, 201);
-        let doc: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-        assert_eq!(doc["currentVersion"], expected);
+        assert_eq!(next().current_version, expected);
     }
     let _ = child.kill();
     let _ = child.wait();

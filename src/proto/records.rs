@@ -92,6 +92,16 @@ pub enum ItemResult<T> {
     Done(T),
 }
 
+impl<T> ItemResult<T> {
+    /// The item's answer, or its error.
+    pub fn into_result(self) -> Result<T, ItemErrorBody> {
+        match self {
+            ItemResult::Done(answer) => Ok(answer),
+            ItemResult::Failed(e) => Err(e.error),
+        }
+    }
+}
+
 /// A failed item: the error document with the status the item would have had alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ItemError {

@@ -304,6 +304,12 @@ fn records() {
         serde_json::from_str(&serde_json::to_string(&batch).unwrap()).unwrap();
     assert!(matches!(&back.results[0], ItemResult::Done(r) if *r == rewrapped));
     assert!(matches!(&back.results[1], ItemResult::Failed(e) if *e == error));
+    let items: Vec<_> = back
+        .results
+        .into_iter()
+        .map(ItemResult::into_result)
+        .collect();
+    assert_eq!(items, vec![Ok(rewrapped.clone()), Err(error.error.clone())]);
 
     // Requests: a decrypt of a `pt:` record sends its null version, as the CLI always has.
     let req = CipherRequest {

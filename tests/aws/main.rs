@@ -11,9 +11,13 @@ mod state;
 
 use std::time::{Duration, Instant};
 
-use harness::moto::{kms_tool, Moto};
+use harness::moto::{kms_tool, DataKey, KmsSetup, Moto};
 use harness::{Daemon, Options, Reply};
-use serde_json::{json, Value};
+use incountry_keyd::domain::VersionStatus;
+use incountry_keyd::proto::CreateKeyRequest;
+use serde::de::IgnoredAny;
+use serde_json::Value;
+use zeroize::Zeroizing;
 
 /// What `kms_tool.py setup` made.
 struct Kms {
@@ -30,29 +34,28 @@ struct Kms {
 
 impl Kms {
     fn setup(moto: &Moto) -> Kms {
-        let v = kms_tool(&["setup", &moto.url]);
-        let s = |k: &str| v[k].as_str().unwrap().to_string();
+        let v: KmsSetup = kms_tool(&["setup", &moto.url]);
         Kms {
             url: moto.url.clone(),
-            region: s("region"),
-            access_key_id: s("access_key_id"),
-            secret: s("secret_access_key"),
-            cmk_a: s("cmk_a"),
-            cmk_b: s("cmk_b"),
-            key32_blob: v["key32"]["blob"].as_str().unwrap().into(),
-            key32_plain: v["key32"]["plaintext"].as_str().unwrap().into(),
-            key16_blob: v["key16"]["blob"].as_str().unwrap().into(),
+            region: v.region,
+            access_key_id: v.access_key_id,
+            secret: v.secret_access_key,
+            cmk_a: v.cmk_a,
+            cmk_b: v.cmk_b,
+            key32_blob: v.key32.blob,
+            key32_plain: v.key32.plaintext,
+            key16_blob: v.key16.blob,
         }
     }
 
     /// Changes the CMK's state: disable, enable, schedule-deletion, cancel-deletion.
     fn key_state(&self, action: &str, cmk: &str) {
-        kms_tool(&[action, &self.url, &self.access_key_id, &self.secret, cmk]);
+        kms_tool::<IgnoredAny>(&[action, &self.url, &self.access_key_id, &self.secret, cmk]);
     }
 
     /// More 32-byte data keys under `cmk`: (blob, plaintext), both base64.
     fn data_keys(&self, cmk: &str, n: usize) -> Vec<(String, String)> {
-        let v = kms_tool(&[
+        let v: Vec<DataKey> = kms_tool(&[
             "datakeys",
             &self.url,
             &self.access_key_id,
@@ -60,27 +63,24 @@ impl Kms {
             cmk,
             &n.to_string(),
         ]);
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|k| {
-                (
-                    k["blob"].as_str().unwrap().to_string(),
-                    k["plaintext"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
+        v.into_iter().map(|k| (k.blob, k.plaintext)).collect()
+    }
+
+    /// The registration of `blob` under `cmk` with this IAM user.
+    fn request(&self, blob: &str, cmk: &str) -> CreateKeyRequest {
+        CreateKeyRequest {
+            kind: "aws".into(),
+            rotation_period_days: None,
+            region: Some(self.region.clone()),
+            encrypted_key: Some(blob.into()),
+            cmk_arn: Some(cmk.into()),
+            access_key_id: Some(self.access_key_id.clone()),
+            secret_access_key: Some(Zeroizing::new(self.secret.clone())),
+        }
     }
 
     fn body(&self, blob: &str, cmk: &str) -> Value {
-        json!({
-            "type": "aws",
-            "region": self.region,
-            "encrypted_key": blob,
-            "cmk_arn": cmk,
-            "access_key_id": self.access_key_id,
-            "secret_access_key": self.secret,
-        })
+        body_of(&self.request(blob, cmk))
     }
 }
 
@@ -103,25 +103,13 @@ fn register(d: &Daemon, country: &str, body: Value) -> Reply {
     d.post(&format!("/v1/keys/prod/{country}"), body)
 }
 
-fn secrets_map(doc: &Value) -> Vec<(u64, String)> {
-    doc["secrets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["version"].as_u64().unwrap(),
-                s["secret"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+/// A request as the body to send.
+fn body_of(request: &CreateKeyRequest) -> Value {
+    serde_json::to_value(request).unwrap()
 }
 
-fn status_of(d: &Daemon, country: &str, version: usize) -> String {
-    d.get(&format!("/v1/keys/prod/{country}")).json()["versions"][version - 1]["status"]
-        .as_str()
-        .unwrap()
-        .to_string()
+fn status_of(d: &Daemon, country: &str, version: usize) -> VersionStatus {
+    d.versions("prod", country)[version - 1].status
 }
 
 /// Polls `f` until it returns true; fails with `what` after `secs` seconds.

@@ -3,9 +3,11 @@
 
 use harness::moto::Moto;
 use harness::{needs_test_clock, sdk};
+use incountry_keyd::domain::{AwsStatus, Code, VersionStatus, VersionType};
+use incountry_keyd::proto::{CreateKeyRequest, Decrypted, Encrypted, KeyList, VersionAdded};
 use serde_json::{json, Value};
 
-use crate::{b64, register, secrets_map, start, Kms};
+use crate::{b64, body_of, register, start, Kms};
 
 #[test]
 fn register_serves_as_current_with_kms_plaintext() {
@@ -14,37 +16,35 @@ fn register_serves_as_current_with_kms_plaintext() {
     let kms = Kms::setup(&moto);
     let d = start(&moto, "15m", "24h", 1);
 
-    let r = register(&d, "de", kms.body(&kms.key32_blob, &kms.cmk_a));
-    assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(r.json()["version"], 1);
-    assert_eq!(r.json()["type"], "aws");
+    let added: VersionAdded = register(&d, "de", kms.body(&kms.key32_blob, &kms.cmk_a)).ok(201);
+    assert_eq!(added.version, 1);
+    assert_eq!(added.kind, VersionType::Aws);
 
-    let show = d.get("/v1/keys/prod/DE").json();
-    assert_eq!(show["versions"][0]["type"], "aws");
-    assert_eq!(show["versions"][0]["status"], "active");
-    assert!(show["versions"][0]["rotation_period_months"].is_null());
-    assert!(show["rotation_period_days"].is_null());
+    let show = d.key("prod", "DE");
+    assert_eq!(show.versions[0].kind, VersionType::Aws);
+    assert_eq!(show.versions[0].status, VersionStatus::Active);
+    assert_eq!(show.versions[0].rotation_period_months, None);
+    assert_eq!(show.rotation_period_days, None);
 
     let doc = d.secrets("prod", "DE");
-    assert_eq!(doc["currentVersion"], 1);
-    assert_eq!(secrets_map(&doc), vec![(1, kms.key32_plain.clone())]);
+    assert_eq!(doc.current_version, 1);
+    assert_eq!(doc.keys(), vec![(1, kms.key32_plain.clone())]);
 
     // A record the daemon encrypts with the aws version decrypts in the InCountry SDK.
     let r = d.post(
         "/v1/keys/prod/DE/encrypt",
         json!({"plaintext": "under the customer's key"}),
     );
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["version"], 1);
-    let ct = r.json()["ciphertext"].as_str().unwrap().to_string();
-    let back = sdk(&doc, &["decrypt", &ct, "1"]);
-    assert_eq!(back["plaintext"], "under the customer's key");
+    let rec: Encrypted = r.ok(200);
+    assert_eq!(rec.version, 1);
+    let back: Decrypted = sdk(&doc, &["decrypt", &rec.ciphertext, "1"]);
+    assert_eq!(*back.plaintext, "under the customer's key");
 
     // The daily limit applies to aws versions too.
     let more = kms.data_keys(&kms.cmk_a, 1);
     let r = register(&d, "DE", kms.body(&more[0].0, &kms.cmk_a));
     assert_eq!(r.status, 429, "{}", r.text());
-    assert_eq!(r.error_code(), "daily_limit");
+    assert_eq!(r.code(), Code::DailyLimit);
 
     // A managed key gets an aws version on top: it becomes active, the managed one
     // deprecated, and the key keeps its rotation period (not applied while aws is active).
@@ -53,12 +53,12 @@ fn register_serves_as_current_with_kms_plaintext() {
     let r = register(&d, "FR", kms.body(&more[0].0, &kms.cmk_a));
     assert_eq!(r.status, 201, "{}", r.text());
     let doc = d.secrets("prod", "FR");
-    assert_eq!(doc["currentVersion"], 2);
-    assert_eq!(secrets_map(&doc)[1], (2, more[0].1.clone()));
-    let show = d.get("/v1/keys/prod/FR").json();
-    assert_eq!(show["versions"][0]["status"], "deprecated");
-    assert_eq!(show["versions"][0]["rotation_period_months"], 1);
-    assert!(show["versions"][1]["rotation_period_months"].is_null());
+    assert_eq!(doc.current_version, 2);
+    assert_eq!(doc.keys()[1], (2, more[0].1.clone()));
+    let show = d.key("prod", "FR");
+    assert_eq!(show.versions[0].status, VersionStatus::Deprecated);
+    assert_eq!(show.versions[0].rotation_period_months, Some(1));
+    assert_eq!(show.versions[1].rotation_period_months, None);
 
     // The CLI: secret from a file, never on the command line; the table shows the type.
     let secret_file = d.tmp.path().join("iam-secret");
@@ -87,10 +87,7 @@ fn register_serves_as_current_with_kms_plaintext() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        secrets_map(&d.secrets("prod", "AT")),
-        vec![(1, keys[0].1.clone())]
-    );
+    assert_eq!(d.secrets("prod", "AT").keys(), vec![(1, keys[0].1.clone())]);
     let out = d.cli(&["keys", "show", "prod", "AT"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -101,13 +98,13 @@ fn register_serves_as_current_with_kms_plaintext() {
     // Restart: the data key is only in memory, so it comes back from KMS before ready.
     let d = d.restart();
     assert_eq!(
-        secrets_map(&d.secrets("prod", "DE")),
+        d.secrets("prod", "DE").keys(),
         vec![(1, kms.key32_plain.clone())]
     );
-    assert_eq!(secrets_map(&d.secrets("prod", "FR"))[1].1, more[0].1);
-    let health = d.get("/v1/health").json();
-    assert_eq!(health["aws"]["status"], "ok", "{health}");
-    assert_eq!(health["aws"]["versions"], 3);
+    assert_eq!(d.secrets("prod", "FR").keys()[1].1, more[0].1);
+    let health = d.health();
+    assert_eq!(health.aws.status, AwsStatus::Ok, "{health:?}");
+    assert_eq!(health.aws.versions, 3);
     drop(moto);
 }
 
@@ -117,6 +114,7 @@ fn refused_registrations_name_the_cause_and_store_nothing() {
     let kms = Kms::setup(&moto);
     let d = start(&moto, "15m", "24h", 1);
     let good = kms.body(&kms.key32_blob, &kms.cmk_a);
+    // The good registration with one field replaced (a request, built as JSON).
     let with = |field: &str, value: &str| {
         let mut b = good.clone();
         b[field] = json!(value);
@@ -133,47 +131,47 @@ fn refused_registrations_name_the_cause_and_store_nothing() {
         kms.cmk_a.rsplit('/').next().unwrap(),
         "00000000-0000-0000-0000-000000000000",
     );
-    let cases: Vec<(&str, Value, u16, &[&str], &str)> = vec![
+    let cases: Vec<(&str, Value, u16, &[Code], &str)> = vec![
         (
             "wrong CMK ARN",
             with("cmk_arn", &kms.cmk_b),
             400,
-            &["aws_access_denied", "aws_incorrect_key"],
+            &[Code::AwsAccessDenied, Code::AwsIncorrectKey],
             &kms.cmk_b,
         ),
         (
             "CMK that does not exist",
             with("cmk_arn", &missing_cmk),
             400,
-            &["aws_key_not_found", "aws_access_denied"],
+            &[Code::AwsKeyNotFound, Code::AwsAccessDenied],
             "does not exist",
         ),
         (
             "garbage ciphertext",
             with("encrypted_key", "bm90IGEgY2lwaGVydGV4dA=="),
             400,
-            &["aws_invalid_ciphertext"],
+            &[Code::AwsInvalidCiphertext],
             "not a valid KMS ciphertext",
         ),
         (
             "corrupted ciphertext",
             with("encrypted_key", &corrupted),
             400,
-            &["aws_invalid_ciphertext"],
+            &[Code::AwsInvalidCiphertext],
             "not a valid KMS ciphertext",
         ),
         (
             "16-byte plaintext",
             with("encrypted_key", &kms.key16_blob),
             400,
-            &["aws_key_length"],
+            &[Code::AwsKeyLength],
             "to 16 bytes",
         ),
         (
             "unknown access key id",
             with("access_key_id", "AKIAAAAAAAAAAAAAAAAA"),
             400,
-            &["aws_credentials_rejected"],
+            &[Code::AwsCredentialsRejected],
             "credentials were refused",
         ),
         (
@@ -183,56 +181,55 @@ fn refused_registrations_name_the_cause_and_store_nothing() {
                 "WrongSecretKeyWrongSecretKeyWrongSecret0",
             ),
             400,
-            &["aws_credentials_rejected"],
+            &[Code::AwsCredentialsRejected],
             "credentials were refused",
         ),
         (
             "not base64",
             with("encrypted_key", "%%%"),
             400,
-            &["invalid_encrypted_key"],
+            &[Code::InvalidEncryptedKey],
             "base64",
         ),
         (
             "ARN in another region",
             with("region", "us-west-2"),
             400,
-            &["invalid_cmk_arn"],
+            &[Code::InvalidCmkArn],
             "us-west-2",
         ),
         (
             "rotation period on aws",
-            {
-                let mut b = good.clone();
-                b["rotation_period_days"] = json!(30);
-                b
-            },
+            body_of(&CreateKeyRequest {
+                rotation_period_days: Some(30),
+                ..kms.request(&kms.key32_blob, &kms.cmk_a)
+            }),
             400,
-            &["invalid_rotation_period"],
+            &[Code::InvalidRotationPeriod],
             "aws",
         ),
         (
             "no secret",
-            {
-                let mut b = good.clone();
-                b.as_object_mut().unwrap().remove("secret_access_key");
-                b
-            },
+            body_of(&CreateKeyRequest {
+                secret_access_key: None,
+                ..kms.request(&kms.key32_blob, &kms.cmk_a)
+            }),
             400,
-            &["missing_field"],
+            &[Code::MissingField],
             "secret_access_key",
         ),
     ];
     for (what, body, status, codes, says) in cases {
         let r = register(&d, "DE", body);
         assert_eq!(r.status, status, "{what}: {}", r.text());
+        let error = r.error().error;
         assert!(
-            codes.contains(&r.error_code().as_str()),
-            "{what}: code {} not in {codes:?}: {}",
-            r.error_code(),
+            codes.contains(&error.code),
+            "{what}: code {:?} not in {codes:?}: {}",
+            error.code,
             r.text()
         );
-        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        let msg = error.message;
         assert!(
             msg.contains(says),
             "{what}: message does not say `{says}`: {msg}"
@@ -244,10 +241,9 @@ fn refused_registrations_name_the_cause_and_store_nothing() {
     }
     // Nothing was stored: no key, and the first accepted registration is version 1.
     assert_eq!(d.get("/v1/keys/prod/DE").status, 404);
-    assert_eq!(d.get("/v1/keys").json()["keys"], json!([]));
-    let r = register(&d, "DE", good);
-    assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(r.json()["version"], 1);
+    assert_eq!(d.keys(), KeyList { keys: vec![] });
+    let added: VersionAdded = register(&d, "DE", good).ok(201);
+    assert_eq!(added.version, 1);
 }
 
 #[test]
@@ -263,8 +259,8 @@ fn the_101st_customer_supplied_version_is_refused() {
     }
     let r = register(&d, "DE", kms.body(&keys[100].0, &kms.cmk_a));
     assert_eq!(r.status, 409, "{}", r.text());
-    assert_eq!(r.error_code(), "customer_supplied_limit");
-    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert_eq!(r.code(), Code::CustomerSuppliedLimit);
+    let msg = r.message();
     assert!(
         msg.contains("100 customer-supplied") && msg.contains("does not reset"),
         "{msg}"
@@ -279,6 +275,6 @@ fn the_101st_customer_supplied_version_is_refused() {
     let r = register(&d, "DE", kms.body(&keys[100].0, &kms.cmk_a));
     assert_eq!(r.status, 409, "{}", r.text());
     let doc = d.secrets("prod", "DE");
-    assert_eq!(doc["currentVersion"], 101);
-    assert_eq!(doc["secrets"].as_array().unwrap().len(), 101);
+    assert_eq!(doc.current_version, 101);
+    assert_eq!(doc.secrets.len(), 101);
 }

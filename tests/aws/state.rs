@@ -3,9 +3,13 @@
 
 use harness::moto::Moto;
 use harness::Daemon;
-use serde_json::{json, Value};
+use incountry_keyd::domain::audit::AuditOutcome;
+use incountry_keyd::domain::{AwsState, Code, VersionStatus};
+use incountry_keyd::proto::{CreateKeyRequest, HealthStatus};
+use serde_json::json;
+use zeroize::Zeroizing;
 
-use crate::{b64, contains, register, secrets_map, start, status_of, wait_for, Kms};
+use crate::{b64, body_of, contains, register, start, status_of, wait_for, Kms};
 
 #[test]
 fn iam_secret_is_not_in_state_or_logs() {
@@ -15,16 +19,18 @@ fn iam_secret_is_not_in_state_or_logs() {
     let r = register(&d, "DE", kms.body(&kms.key32_blob, &kms.cmk_a));
     assert_eq!(r.status, 201, "{}", r.text());
     let wrong = "WrongSecretKeyWrongSecretKeyWrongSecret0";
-    let mut bad = kms.body(&kms.key32_blob, &kms.cmk_a);
-    bad["secret_access_key"] = json!(wrong);
-    assert_eq!(register(&d, "FR", bad).status, 400);
+    let bad = CreateKeyRequest {
+        secret_access_key: Some(Zeroizing::new(wrong.into())),
+        ..kms.request(&kms.key32_blob, &kms.cmk_a)
+    };
+    assert_eq!(register(&d, "FR", body_of(&bad)).status, 400);
     // A few revalidations, then a restart (which opens the sealed secret and uses it).
     wait_for(20, "two revalidations", &d, || {
         d.log_text().matches("KMS revalidation pass").count() >= 2
     });
     let mut d = d.restart();
     assert_eq!(
-        secrets_map(&d.secrets("prod", "DE")),
+        d.secrets("prod", "DE").keys(),
         vec![(1, kms.key32_plain.clone())]
     );
     d.stop();
@@ -114,55 +120,43 @@ fn versions_are_bound_to_their_key_and_kms_fields() {
 
     for country in ["DE", "FR", "AT"] {
         wait_for(20, "the altered versions unavailable", &d, || {
-            status_of(&d, country, 1) == "unavailable"
+            status_of(&d, country, 1) == VersionStatus::Unavailable
         });
-        let show = d.get(&format!("/v1/keys/prod/{country}")).json();
-        let why = show["versions"][0]["error"].as_str().unwrap();
+        let why = d.versions("prod", country)[0].error.clone().unwrap();
         assert!(why.contains("aws_key_mismatch"), "{country}: {why}");
         let r = d.get(&format!("/v1/keys/prod/{country}/secrets"));
         assert_eq!(r.status, 503, "{country}: {}", r.text());
-        assert_eq!(r.error_code(), "active_version_unavailable");
+        assert_eq!(r.code(), Code::ActiveVersionUnavailable);
         let r = d.post(
             &format!("/v1/keys/prod/{country}/encrypt"),
             json!({"plaintext": "x"}),
         );
         assert_eq!(r.status, 503, "{country}: {}", r.text());
     }
-    let why = |c: &str| {
-        d.get(&format!("/v1/keys/prod/{c}")).json()["versions"][0]["error"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let why = |c: &str| d.versions("prod", c)[0].error.clone().unwrap();
     assert!(why("FR").contains("removed"), "{}", why("FR"));
     assert!(why("AT").contains("CMK ARN"), "{}", why("AT"));
     // The untouched version serves its own key.
-    assert_eq!(status_of(&d, "IT", 1), "active");
-    assert_eq!(
-        secrets_map(&d.secrets("prod", "IT")),
-        vec![(1, keys[3].1.clone())]
-    );
+    assert_eq!(status_of(&d, "IT", 1), VersionStatus::Active);
+    assert_eq!(d.secrets("prod", "IT").keys(), vec![(1, keys[3].1.clone())]);
 
-    let health = d.get("/v1/health").json();
-    assert_eq!(health["status"], "degraded", "{health}");
-    let problems = health["aws"]["problems"].as_array().unwrap();
-    assert_eq!(problems.len(), 3, "{health}");
+    let health = d.health();
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    let problems = &health.aws.problems;
+    assert_eq!(problems.len(), 3, "{health:?}");
     for p in problems {
-        assert_eq!(p["state"], "mismatch", "{health}");
-        assert_eq!(p["code"], "aws_key_mismatch", "{health}");
+        assert_eq!(p.state, AwsState::Mismatch, "{health:?}");
+        assert_eq!(p.code, Code::AwsKeyMismatch, "{health:?}");
     }
     // Audited like any other aws unavailability, once each.
-    let audit = d.get("/v1/audit?since=0").json()["entries"].clone();
-    let failed: Vec<&Value> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == "kms-revalidate" && e["outcome"] == "failed")
+    let failed: Vec<_> = d
+        .audit(0)
+        .entries
+        .into_iter()
+        .filter(|e| e.action == "kms-revalidate" && e.outcome == AuditOutcome::Failed)
         .collect();
     assert_eq!(failed.len(), 3, "{failed:?}");
-    assert!(failed
-        .iter()
-        .all(|e| e["detail"].as_str().unwrap().contains("aws_key_mismatch")));
+    assert!(failed.iter().all(|e| e.detail.contains("aws_key_mismatch")));
     // Never a key in the log.
     let log = d.log_text();
     assert!(log.contains("fails its key check"), "{log}");

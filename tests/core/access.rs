@@ -62,5 +62,5 @@ fn access_by_peer_credentials() {
             "{args:?}: {err}"
         );
     }
-    assert_eq!(d.get("/v1/keys/prod/IT").json()["active_version"], 1);
+    assert_eq!(d.key("prod", "IT").active_version, Some(1));
 }

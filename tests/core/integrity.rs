@@ -3,6 +3,8 @@
 use std::process::Command;
 
 use harness::{needs_test_clock, Daemon, Options};
+use incountry_keyd::domain::{Code, VersionStatus};
+use incountry_keyd::proto::HealthStatus;
 
 use crate::{assert_no_key_in, secrets_of};
 
@@ -47,19 +49,19 @@ fn tampered_blob_and_missing_root_key() {
     drop(conn);
 
     let d = d.launch();
-    let show = d.get("/v1/keys/prod/DE").json();
-    assert_eq!(show["versions"][0]["status"], "unavailable");
-    assert!(show["versions"][0]["error"]
-        .as_str()
+    let show = d.key("prod", "DE");
+    assert_eq!(show.versions[0].status, VersionStatus::Unavailable);
+    assert!(show.versions[0]
+        .error
+        .as_deref()
         .unwrap()
         .contains("integrity check failed for prod/DE version 1"));
-    assert_eq!(show["versions"][1]["status"], "active");
+    assert_eq!(show.versions[1].status, VersionStatus::Active);
     let de = d.secrets("prod", "DE");
-    assert_eq!(de["currentVersion"], 2);
-    assert_eq!(de["secrets"].as_array().unwrap().len(), 1);
+    assert_eq!(de.current_version, 2);
+    assert_eq!(de.secrets.len(), 1);
     assert_eq!(d.secrets("prod", "US"), us);
-    let h = d.get("/v1/health").json();
-    assert_eq!(h["status"], "degraded");
+    assert_eq!(d.health().status, HealthStatus::Degraded);
     assert!(d
         .log_text()
         .contains("integrity check failed for prod/DE version 1"));
@@ -75,7 +77,7 @@ fn tampered_blob_and_missing_root_key() {
     let d = d.launch();
     let r = d.get("/v1/keys/prod/US/secrets");
     assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.error_code(), "root_key_missing");
+    assert_eq!(r.code(), Code::RootKeyMissing);
     d.advance(86_400);
     let r = d.rotate("prod", "US");
     assert_eq!(r.status, 503, "{}", r.text());
@@ -86,7 +88,7 @@ fn tampered_blob_and_missing_root_key() {
         d.log_text()
     );
     assert_eq!(
-        d.get("/v1/keys/prod/US").json()["versions"][0]["status"],
-        "unavailable"
+        d.versions("prod", "US")[0].status,
+        VersionStatus::Unavailable
     );
 }

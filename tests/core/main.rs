@@ -13,15 +13,10 @@ mod integrity;
 mod keys;
 mod start;
 
-use serde_json::Value;
+use harness::Secrets;
 
-fn secrets_of(doc: &Value) -> Vec<String> {
-    doc["secrets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["secret"].as_str().unwrap().to_string())
-        .collect()
+fn secrets_of(doc: &Secrets) -> Vec<String> {
+    doc.keys().into_iter().map(|(_, key)| key).collect()
 }
 
 fn assert_no_key_in(text: &str, keys: &[String]) {

@@ -10,9 +10,11 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use incountry_keyd::domain::Code;
+use incountry_keyd::proto::{KeyDocument, VersionAdded};
+use serde_json::json;
 
-use harness::{try_request, Daemon, Options};
+use harness::{try_request, Daemon, Options, Reply, Secrets};
 
 use crate::support::{seed, tail, token_files, Rng};
 use model::{apply_ops, check_state, Fingerprints, KeyModel, Totals};
@@ -143,12 +145,34 @@ enum Change {
 
 #[derive(Debug)]
 enum Outcome {
-    /// A complete 2xx answer with its JSON body.
-    Acked(Value),
-    /// A complete non-2xx answer.
-    Refused(u16, String),
+    /// A complete 2xx answer, read as the change's answer.
+    Acked(Answer),
+    /// A complete non-2xx answer: its status, its error code (when it is an error
+    /// document) and its body.
+    Refused(u16, Option<Code>, String),
     /// No complete answer (the kill): the change may or may not have happened.
     Lost(String),
+}
+
+/// What a 2xx answer holds, by change.
+#[derive(Debug)]
+enum Answer {
+    /// Create and rotate.
+    Added(VersionAdded),
+    /// Settings: the key as it is now.
+    Settings(KeyDocument),
+    /// A read.
+    Secrets(Secrets),
+}
+
+impl Answer {
+    fn read(change: Change, a: Reply) -> Answer {
+        match change {
+            Change::Create | Change::Rotate => Answer::Added(a.read()),
+            Change::Settings(_) => Answer::Settings(a.read()),
+            Change::Read => Answer::Secrets(Secrets::parse(a.body)),
+        }
+    }
 }
 
 struct Op {
@@ -189,8 +213,10 @@ fn client(socket: PathBuf, mut rng: Rng) -> Vec<Op> {
             Duration::from_secs(20),
         );
         let (outcome, stop) = match result {
-            Ok(a) if (200..300).contains(&a.status) => (Outcome::Acked(a.json()), false),
-            Ok(a) => (Outcome::Refused(a.status, a.text()), false),
+            Ok(a) if (200..300).contains(&a.status) => {
+                (Outcome::Acked(Answer::read(change, a)), false)
+            }
+            Ok(a) => (Outcome::Refused(a.status, a.error_code(), a.text()), false),
             Err(e) => (Outcome::Lost(e), true),
         };
         ops.push(Op {
@@ -254,7 +280,7 @@ fn crash_consistency() {
             .map(|op| {
                 let outcome = match &op.outcome {
                     Outcome::Acked(_) => "acknowledged".to_string(),
-                    Outcome::Refused(status, _) => format!("refused {status}"),
+                    Outcome::Refused(status, _, _) => format!("refused {status}"),
                     Outcome::Lost(why) => format!("in flight ({why})"),
                 };
                 format!("{:?} {ENV}/{}: {outcome}", op.change, op.country)

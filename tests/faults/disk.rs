@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::Command;
 
 use harness::Daemon;
+use incountry_keyd::domain::Code;
+use incountry_keyd::proto::{Condition, HealthStatus};
 
 use crate::support::{assert_reads_served, audit_verify, health, options};
 
@@ -52,11 +54,11 @@ fn full_state_disk_is_retryable_and_recovers() {
 
     let r = d.rotate("prod", "DE");
     assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.error_code(), "state_unavailable", "{}", r.text());
+    assert_eq!(r.code(), Code::StateUnavailable, "{}", r.text());
     assert!(r.header("retry-after").is_some());
     let h = health(&d);
-    assert_eq!(h["state"], "unavailable", "{h}");
-    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h.state, Condition::Unavailable, "{h:?}");
+    assert_eq!(h.status, HealthStatus::Degraded, "{h:?}");
     assert_reads_served(&d, 1);
     let log = d.log_text();
     assert!(
@@ -67,7 +69,7 @@ fn full_state_disk_is_retryable_and_recovers() {
     std::fs::remove_file(filler).unwrap();
     let r = d.rotate("prod", "DE");
     assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(health(&d)["state"], "ok");
+    assert_eq!(health(&d).state, Condition::Ok);
     assert_reads_served(&d, 2);
     audit_verify(&d);
 }

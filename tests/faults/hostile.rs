@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use incountry_keyd::proto::{Decrypted, Encrypted, KeyDocument};
+use serde_json::json;
 
-use harness::{try_request, Daemon};
+use harness::{try_request, Daemon, Reply, Secrets};
 
 use crate::support::{alive, audit_verify, secret_fingerprints, seed, tail, Rng};
 
@@ -158,8 +159,8 @@ fn send_attack(socket: &Path, a: &Attack) -> Option<u16> {
 
 /// A well-formed read and an encrypt/decrypt round trip on the probe key, answered right.
 fn probe(socket: &Path, fp_v1: &str, n: usize) {
-    // One request on the probe key (`body`: a POST), answered 200 with JSON.
-    let call = |op: &str, body: Option<&[u8]>| -> Value {
+    // One request on the probe key (`body`: a POST), answered 200.
+    let call = |op: &str, body: Option<&[u8]>| -> Reply {
         let method = if body.is_some() { "POST" } else { "GET" };
         let a = try_request(
             socket,
@@ -171,10 +172,10 @@ fn probe(socket: &Path, fp_v1: &str, n: usize) {
         )
         .unwrap_or_else(|e| panic!("probe {n}: {op}: {e}"));
         assert_eq!(a.status, 200, "probe {n}: {op}: {}", a.text());
-        a.json()
+        a
     };
-    let doc = call("secrets", None);
-    assert_eq!(doc["currentVersion"], 1, "probe {n}");
+    let doc = Secrets::parse(call("secrets", None).body);
+    assert_eq!(doc.current_version, 1, "probe {n}");
     assert_eq!(
         secret_fingerprints(&doc),
         vec![(1, fp_v1.to_string())],
@@ -182,13 +183,13 @@ fn probe(socket: &Path, fp_v1: &str, n: usize) {
     );
     let text = format!("probe {n}: {}", "é".repeat(n % 7));
     let body = json!({ "plaintext": text }).to_string();
-    let record = call("encrypt", Some(body.as_bytes()));
-    assert_eq!(record["version"], 1, "probe {n}");
-    let ciphertext = record["ciphertext"].as_str().unwrap();
+    let record: Encrypted = call("encrypt", Some(body.as_bytes())).read();
+    assert_eq!(record.version, 1, "probe {n}");
+    let ciphertext = record.ciphertext.as_str();
     assert!(ciphertext.starts_with("2:"), "probe {n}");
     let body = json!({ "ciphertext": ciphertext, "version": 1 }).to_string();
-    let plain = call("decrypt", Some(body.as_bytes()));
-    assert_eq!(plain["plaintext"], text.as_str(), "probe {n}");
+    let plain: Decrypted = call("decrypt", Some(body.as_bytes())).read();
+    assert_eq!(*plain.plaintext, text, "probe {n}");
 }
 
 /// `MALFORMED` malformed requests of many kinds from `ATTACKERS` threads, with a
@@ -288,13 +289,13 @@ fn hostile_clients() {
     );
     probe(&d.socket, &fp_v1, MALFORMED);
     assert_eq!(d.get("/v1/health").status, 200);
-    let fr = d.get(&target_key()).json();
+    let fr: KeyDocument = d.get(&target_key()).ok(200);
     assert_eq!(
-        fr["versions"].as_array().unwrap().len(),
+        fr.versions.len(),
         1,
-        "a malformed request changed {HENV}/FR: {fr}"
+        "a malformed request changed {HENV}/FR: {fr:?}"
     );
-    assert_eq!(fr["rotation_period_days"], 30, "{fr}");
+    assert_eq!(fr.rotation_period_days, Some(30), "{fr:?}");
     assert_eq!(d.versions(HENV, "DE").len(), 1);
     audit_verify(&d);
     let rss_after = d.rss_kib();

@@ -9,6 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::{copy_tree, Daemon, Reply};
+use incountry_keyd::domain::Code;
+use incountry_keyd::proto::{Condition, HealthStatus};
 
 use crate::support::{
     assert_reads_served, health, options, rotate_until_ok, token_dir, token_files,
@@ -16,7 +18,7 @@ use crate::support::{
 
 fn assert_hsm_refusal(r: &Reply) {
     assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.error_code(), "hsm_unavailable", "{}", r.text());
+    assert_eq!(r.code(), Code::HsmUnavailable, "{}", r.text());
     assert!(r.header("retry-after").is_some(), "503 without Retry-After");
 }
 
@@ -25,17 +27,17 @@ fn assert_hsm_refusal(r: &Reply) {
 /// `hsm_unavailable`; after it, the next change succeeds with no restart.
 fn hsm_fault(name: &str, d: Daemon, break_it: impl FnOnce(&Daemon), mend: impl FnOnce(&Daemon)) {
     assert_eq!(d.create_managed("prod", "DE", 30).status, 201);
-    assert_eq!(health(&d)["hsm"], "ok");
+    assert_eq!(health(&d).hsm, Condition::Ok);
     let pid = d.pid();
 
     break_it(&d);
     assert_hsm_refusal(&d.rotate("prod", "DE"));
     let h = health(&d);
-    assert_eq!(h["status"], "degraded", "{h}");
-    assert_eq!(h["hsm"], "unavailable", "{h}");
+    assert_eq!(h.status, HealthStatus::Degraded, "{h:?}");
+    assert_eq!(h.hsm, Condition::Unavailable, "{h:?}");
     assert!(
-        h["hsm_error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{h}"
+        h.hsm_error.as_deref().is_some_and(|e| !e.is_empty()),
+        "{h:?}"
     );
     assert_reads_served(&d, 1);
     assert_hsm_refusal(&d.rotate("prod", "DE"));
@@ -44,7 +46,7 @@ fn hsm_fault(name: &str, d: Daemon, break_it: impl FnOnce(&Daemon), mend: impl F
     let took = rotate_until_ok(&d, Duration::from_secs(10));
     assert_eq!(d.pid(), pid, "no restart");
     assert_reads_served(&d, 2);
-    assert_eq!(health(&d)["hsm"], "ok");
+    assert_eq!(health(&d).hsm, Condition::Ok);
     assert!(!d.log_text().contains("root_key_missing"));
     println!("{name}: first successful change {took:?} after the HSM came back");
 }
@@ -160,8 +162,8 @@ fn hsm_fd_shortage_during_a_change() {
     assert_eq!(d.pid(), pid, "no restart");
     assert_reads_served(&d, 2);
     let h = health(&d);
-    assert_eq!(h["hsm"], "ok", "{h}");
-    assert!(h["hsm_reconnects"].as_u64().unwrap() >= 1, "{h}");
+    assert_eq!(h.hsm, Condition::Ok, "{h:?}");
+    assert!(h.hsm_reconnects >= 1, "{h:?}");
     println!("fd shortage: first successful change {took:?} after the limit was restored");
 }
 
@@ -247,10 +249,7 @@ fn a_token_file_emptied_by_a_killed_login_is_put_back() {
     let token = token_dir(&tokens);
     std::fs::write(token.join("token.object"), b"").unwrap();
     let d = d.launch();
-    assert_eq!(
-        d.secrets("prod", "DE")["secrets"].as_array().unwrap().len(),
-        1
-    );
+    assert_eq!(d.secrets("prod", "DE").secrets.len(), 1);
     assert_eq!(d.rotate("prod", "DE").status, 201);
     assert!(d.log_text().contains("token.object was cut short"));
 }

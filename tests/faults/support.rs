@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use harness::{bin, Daemon, Options};
-use serde_json::Value;
+use harness::{bin, Daemon, Options, Secrets};
+use incountry_keyd::proto::HealthDocument;
 use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------------------
@@ -32,14 +32,13 @@ pub fn server_settings(d: &Daemon, lines: &str) {
     .unwrap();
 }
 
-pub fn health(d: &Daemon) -> Value {
-    d.get("/v1/health").json()
+pub fn health(d: &Daemon) -> HealthDocument {
+    d.health()
 }
 
 /// Keys are still served while the HSM is away.
 pub fn assert_reads_served(d: &Daemon, expect_versions: usize) {
-    let doc = d.secrets("prod", "DE");
-    assert_eq!(doc["secrets"].as_array().unwrap().len(), expect_versions);
+    assert_eq!(d.secrets("prod", "DE").secrets.len(), expect_versions);
 }
 
 /// Polls rotations until one succeeds; returns how long that took.
@@ -177,16 +176,9 @@ fn fingerprint(secret_b64: &str) -> String {
 }
 
 /// (version, fingerprint) of every secret in a secrets document.
-pub fn secret_fingerprints(doc: &Value) -> Vec<(u32, String)> {
-    doc["secrets"]
-        .as_array()
-        .expect("secrets array")
+pub fn secret_fingerprints(doc: &Secrets) -> Vec<(u32, String)> {
+    doc.secrets
         .iter()
-        .map(|s| {
-            (
-                s["version"].as_u64().expect("version") as u32,
-                fingerprint(s["secret"].as_str().expect("secret")),
-            )
-        })
+        .map(|s| (s.version, fingerprint(&s.secret)))
         .collect()
 }

@@ -3,9 +3,10 @@
 //! secrets document served; then the daemon's memory.
 
 use base64::Engine;
-use harness::moto::{kms_tool, Moto};
+use harness::moto::{kms_tool, KmsSetup, Moto};
 use harness::{Daemon, Options};
-use serde_json::json;
+use incountry_keyd::proto::CreateKeyRequest;
+use zeroize::Zeroizing;
 
 use crate::scan::{self, check, wait_connections_closed, Needle};
 
@@ -16,7 +17,7 @@ fn aws_registration_copies() {
         return;
     }
     let moto = Moto::start();
-    let kms = kms_tool(&["setup", &moto.url]);
+    let kms: KmsSetup = kms_tool(&["setup", &moto.url]);
     let d = Daemon::start_with(Options {
         extra: format!(
             "[aws]\nendpoint_url = \"{}\"\nrequest_timeout = \"3s\"\n",
@@ -26,34 +27,39 @@ fn aws_registration_copies() {
         versions_per_day: 100,
         ..Options::default()
     });
-    let s = |k: &str| kms[k].as_str().unwrap().to_string();
-    let secret = s("secret_access_key");
-    let body = json!({
-        "type": "aws",
-        "region": s("region"),
-        "encrypted_key": kms["key32"]["blob"],
-        "cmk_arn": s("cmk_a"),
-        "access_key_id": s("access_key_id"),
-        "secret_access_key": secret,
-    });
+    let secret = kms.secret_access_key.clone();
+    let aws = || CreateKeyRequest {
+        kind: "aws".into(),
+        rotation_period_days: None,
+        region: Some(kms.region.clone()),
+        encrypted_key: Some(kms.key32.blob.clone()),
+        cmk_arn: Some(kms.cmk_a.clone()),
+        access_key_id: Some(kms.access_key_id.clone()),
+        secret_access_key: Some(Zeroizing::new(secret.clone())),
+    };
+    let body = |request: CreateKeyRequest| serde_json::to_value(request).unwrap();
     // Refused before KMS is asked: a managed key with aws fields, an aws key with a bad region.
     let early = "EarlyReturnSecretKey0123456789abcdefghijkl";
-    let mut refused = body.clone();
-    refused["type"] = json!("incountry-managed");
-    refused["secret_access_key"] = json!(early);
-    assert_eq!(d.post("/v1/keys/prod/FR", refused).status, 400);
-    let mut refused = body.clone();
-    refused["region"] = json!("Not A Region");
-    refused["secret_access_key"] = json!(early);
-    assert_eq!(d.post("/v1/keys/prod/FR", refused).status, 400);
-    let r = d.post("/v1/keys/prod/DE", body);
+    let refused = CreateKeyRequest {
+        kind: "incountry-managed".into(),
+        secret_access_key: Some(Zeroizing::new(early.into())),
+        ..aws()
+    };
+    assert_eq!(d.post("/v1/keys/prod/FR", body(refused)).status, 400);
+    let refused = CreateKeyRequest {
+        region: Some("Not A Region".into()),
+        secret_access_key: Some(Zeroizing::new(early.into())),
+        ..aws()
+    };
+    assert_eq!(d.post("/v1/keys/prod/FR", body(refused)).status, 400);
+    let r = d.post("/v1/keys/prod/DE", body(aws()));
     assert_eq!(r.status, 201, "{}", r.text());
     for _ in 0..3 {
         d.secrets("prod", "DE");
     }
     wait_connections_closed(d.pid());
 
-    let plain = kms["key32"]["plaintext"].as_str().unwrap().to_string();
+    let plain = kms.key32.plaintext.clone();
     let raw = base64::engine::general_purpose::STANDARD
         .decode(&plain)
         .unwrap();

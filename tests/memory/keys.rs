@@ -1,8 +1,10 @@
 //! Data keys: served, used for records, rotated, loaded again after a restart.
 
 use base64::Engine;
-use harness::{request, Daemon, Options};
-use serde_json::json;
+use harness::{request, Daemon, Options, Secrets};
+use incountry_keyd::proto::{BatchAnswer, Decrypted, Encrypted, Rewrapped};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
 
 use crate::scan::{self, check, wait_connections_closed, Needle};
 
@@ -15,39 +17,42 @@ fn options() -> Options {
 }
 
 /// Each served version's raw key, from a secrets document.
-fn keys_of(doc: &serde_json::Value) -> Vec<(u64, Vec<u8>)> {
-    doc["secrets"]
-        .as_array()
-        .unwrap()
+fn keys_of(doc: &Secrets) -> Vec<(u32, Vec<u8>)> {
+    doc.secrets
         .iter()
         .map(|s| {
             let raw = base64::engine::general_purpose::STANDARD
-                .decode(s["secret"].as_str().unwrap())
+                .decode(s.secret.as_bytes())
                 .unwrap();
-            (s["version"].as_u64().unwrap(), raw)
+            (s.version, raw)
         })
         .collect()
 }
 
-fn record(d: &Daemon, op: &str, body: serde_json::Value) -> serde_json::Value {
+fn record<T: DeserializeOwned>(d: &Daemon, op: &str, body: Value) -> T {
     let r = d.post(&format!("/v1/keys/prod/DE/{op}"), body);
     assert_eq!(r.status, 200, "{op}: {}", r.text());
-    r.json()
+    r.read()
+}
+
+/// The request that decrypts or rewraps a record.
+fn cipher(e: &Encrypted) -> Value {
+    json!({ "ciphertext": e.ciphertext, "version": e.version })
 }
 
 /// Serves the documents and records of one key around a rotation: plain fetches, a long poll
 /// woken by the rotation, single and batch records on both versions.
-fn serve_and_rotate(d: &Daemon) -> serde_json::Value {
+fn serve_and_rotate(d: &Daemon) -> Secrets {
     assert_eq!(d.create_managed("prod", "DE", 30).status, 201);
     for _ in 0..5 {
         d.secrets("prod", "DE");
     }
-    let v1 = record(d, "encrypt", json!({"plaintext": "record under version 1"}));
-    record(d, "decrypt", v1.clone());
+    let v1: Encrypted = record(d, "encrypt", json!({"plaintext": "record under version 1"}));
+    record::<Decrypted>(d, "decrypt", cipher(&v1));
     let batch: Vec<_> = (0..20)
         .map(|i| json!({"plaintext": format!("batch {i}")}))
         .collect();
-    record(d, "encrypt", json!({ "batch": batch }));
+    record::<BatchAnswer<Encrypted>>(d, "encrypt", json!({ "batch": batch }));
     // A long poll held across the rotation.
     let etag = d
         .get("/v1/keys/prod/DE/secrets")
@@ -73,12 +78,12 @@ fn serve_and_rotate(d: &Daemon) -> serde_json::Value {
     for _ in 0..5 {
         d.secrets("prod", "DE");
     }
-    let v2 = record(d, "encrypt", json!({"plaintext": "record under version 2"}));
-    record(d, "decrypt", v1.clone());
-    record(d, "decrypt", v2);
-    assert_eq!(record(d, "rewrap", v1)["rewrapped"], true);
+    let v2: Encrypted = record(d, "encrypt", json!({"plaintext": "record under version 2"}));
+    record::<Decrypted>(d, "decrypt", cipher(&v1));
+    record::<Decrypted>(d, "decrypt", cipher(&v2));
+    assert!(record::<Rewrapped>(d, "rewrap", cipher(&v1)).rewrapped);
     let doc = d.secrets("prod", "DE");
-    assert_eq!(doc["currentVersion"], 2);
+    assert_eq!(doc.current_version, 2);
     doc
 }
 
@@ -87,12 +92,12 @@ fn serve_loaded(d: &Daemon) {
     for _ in 0..3 {
         d.secrets("prod", "DE");
     }
-    let ct = record(d, "encrypt", json!({"plaintext": "after a restart"}));
-    record(d, "decrypt", ct);
+    let ct: Encrypted = record(d, "encrypt", json!({"plaintext": "after a restart"}));
+    record::<Decrypted>(d, "decrypt", cipher(&ct));
 }
 
 /// Each live version: the raw key exactly once, in a locked page; its base64 nowhere.
-fn needles(keys: &[(u64, Vec<u8>)]) -> Vec<Needle> {
+fn needles(keys: &[(u32, Vec<u8>)]) -> Vec<Needle> {
     let mut out = Vec::new();
     for (version, raw) in keys {
         let text = base64::engine::general_purpose::STANDARD.encode(raw);

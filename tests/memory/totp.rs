@@ -3,6 +3,7 @@
 
 use harness::totp::{bootstrap, oathtool};
 use harness::{needs_test_clock, Daemon, Options};
+use incountry_keyd::proto::Enrollment;
 use serde_json::json;
 
 use crate::scan::{self, check, wait_connections_closed, Needle};
@@ -64,10 +65,9 @@ fn a_confirmed_enrollment_leaves_no_secret_in_memory() {
         &[("X-Verification-Code", &code)],
         b"{}",
     );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let doc = r.json();
-    let secret = doc["secret_base32"].as_str().unwrap().to_string();
-    let uri = doc["otpauth_uri"].as_str().unwrap().to_string();
+    let doc: Enrollment = r.ok(200);
+    let secret = doc.secret_base32.to_string();
+    let uri = doc.otpauth_uri.to_string();
     assert!(uri.contains(&format!("secret={secret}")), "{uri}");
     let code = oathtool(&secret, d.advance(0));
     let r = d.post("/v1/admin/totp/confirm", json!({ "code": code }));

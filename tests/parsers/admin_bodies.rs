@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Value};
 
-use incountry_keyd::domain::clock::Clock;
+use incountry_keyd::domain::{Code, VersionType};
+use incountry_keyd::proto::KeyDocument;
 
 use crate::bodies::{is_json_refusal, read_body, Read};
 use crate::daemon::{after, fresh_env, open_daemon, Reply};
@@ -37,14 +38,14 @@ const AWS_FIELDS: [&str; 5] = [
 ];
 
 /// What `aws_source` may refuse with (its shape checks; this KMS accepts the rest).
-const AWS_CODES: &[&str] = &[
-    "invalid_rotation_period",
-    "missing_field",
-    "invalid_region",
-    "invalid_cmk_arn",
-    "invalid_encrypted_key",
-    "invalid_access_key_id",
-    "invalid_secret_access_key",
+const AWS_CODES: &[Code] = &[
+    Code::InvalidRotationPeriod,
+    Code::MissingField,
+    Code::InvalidRegion,
+    Code::InvalidCmkArn,
+    Code::InvalidEncryptedKey,
+    Code::InvalidAccessKeyId,
+    Code::InvalidSecretAccessKey,
 ];
 
 fn arb_period() -> impl Strategy<Value = Value> {
@@ -132,7 +133,7 @@ fn check_admin_body(
     prop_assert!(is_json_refusal(r), "{}", after(r, body));
     if !duplicates {
         prop_assert!(
-            faults.contains(r.error_code().as_str()),
+            r.error_code().is_some_and(|c| faults.contains(&c)),
             "want {:?}: {}",
             faults,
             after(r, body)
@@ -171,44 +172,45 @@ proptest! {
         let v = match check_admin_body(&body, &r, CREATE_FIELDS)? {
             Parsed::Refused => return Ok(()),
             Parsed::NoBody => {
-                prop_assert_eq!((r.status, r.error_code()), (400, "missing_body".into()), "{}", ctx());
+                prop_assert_eq!((r.status, r.error_code()), (400, Some(Code::MissingBody)), "{}", ctx());
                 return Ok(());
             }
             Parsed::Body(v) => v,
         };
+        // The oracle reads the body it generated (raw on purpose: any JSON).
         let aws_given = AWS_FIELDS.iter().any(|f| !v.get(*f).unwrap_or(&Value::Null).is_null());
         let period = v.get("rotation_period_days").and_then(Value::as_u64);
         match v["type"].as_str().unwrap() {
             "incountry-managed" => {
                 let want = if aws_given {
-                    Some("invalid_request")
+                    Some(Code::InvalidRequest)
                 } else {
                     match period {
-                        None => Some("missing_rotation_period"),
+                        None => Some(Code::MissingRotationPeriod),
                         Some(30 | 60 | 180 | 360) => None,
-                        Some(_) => Some("invalid_rotation_period"),
+                        Some(_) => Some(Code::InvalidRotationPeriod),
                     }
                 };
                 match want {
-                    Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, code.into()), "{}", ctx()),
+                    Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, Some(code)), "{}", ctx()),
                     None => {
                         prop_assert_eq!(r.status, 201, "{}", ctx());
                         let doc = d.key_doc(&path);
-                        prop_assert_eq!(doc["rotation_period_days"].as_u64(), period, "{}", ctx());
-                        prop_assert_eq!(&doc["versions"][0]["type"], "incountry-managed", "{}", ctx());
+                        prop_assert_eq!(doc.rotation_period_days.map(u64::from), period, "{}", ctx());
+                        prop_assert_eq!(doc.versions[0].kind, VersionType::Managed, "{}", ctx());
                     }
                 }
             }
             "aws" => {
                 if r.status == 201 {
                     let doc = d.key_doc(&path);
-                    prop_assert_eq!(&doc["versions"][0]["type"], "aws", "{}", ctx());
+                    prop_assert_eq!(doc.versions[0].kind, VersionType::Aws, "{}", ctx());
                     prop_assert!(period.is_none(), "{}", ctx());
                 } else {
-                    prop_assert!(r.status == 400 && AWS_CODES.contains(&r.error_code().as_str()), "{}", ctx());
+                    prop_assert!(r.status == 400 && r.error_code().is_some_and(|c| AWS_CODES.contains(&c)), "{}", ctx());
                 }
             }
-            _ => prop_assert_eq!((r.status, r.error_code()), (400, "invalid_type".into()), "{}", ctx()),
+            _ => prop_assert_eq!((r.status, r.error_code()), (400, Some(Code::InvalidType)), "{}", ctx()),
         }
     }
 
@@ -222,7 +224,7 @@ proptest! {
         let path = format!("/v1/keys/{}/DE", fresh_env("aws"));
         let r = d.post(&path, &body);
         prop_assert_eq!(r.status, 201, "{} -> {}", body, String::from_utf8_lossy(&r.body));
-        prop_assert_eq!(&d.key_doc(&path)["versions"][0]["type"], "aws");
+        prop_assert_eq!(d.key_doc(&path).versions[0].kind, VersionType::Aws);
     }
 
     /// Guards the settings body (`PATCH /v1/keys/{env}/{country}`): no body, `{}` or a null
@@ -241,16 +243,18 @@ proptest! {
         let period = match check_admin_body(&body, &r, PERIOD_FIELDS)? {
             Parsed::Refused => return Ok(()),
             Parsed::NoBody => None,
+            // The oracle reads the body it generated.
             Parsed::Body(v) => v["rotation_period_days"].as_u64(),
         };
         match period {
-            None => prop_assert_eq!((r.status, r.error_code()), (400, "missing_rotation_period".into()), "{}", ctx()),
+            None => prop_assert_eq!((r.status, r.error_code()), (400, Some(Code::MissingRotationPeriod)), "{}", ctx()),
             Some(p @ (30 | 60 | 180 | 360)) => {
                 prop_assert_eq!(r.status, 200, "{}", ctx());
-                prop_assert_eq!(r.json()["rotation_period_days"].as_u64(), Some(p), "{}", ctx());
-                prop_assert_eq!(d.key_doc(path)["rotation_period_days"].as_u64(), Some(p));
+                let answer = serde_json::from_slice::<KeyDocument>(&r.body).map_err(|e| TestCaseError::fail(format!("{e}: {}", ctx())))?;
+                prop_assert_eq!(answer.rotation_period_days.map(u64::from), Some(p), "{}", ctx());
+                prop_assert_eq!(d.key_doc(path).rotation_period_days.map(u64::from), Some(p));
             }
-            Some(_) => prop_assert_eq!((r.status, r.error_code()), (400, "invalid_rotation_period".into()), "{}", ctx()),
+            Some(_) => prop_assert_eq!((r.status, r.error_code()), (400, Some(Code::InvalidRotationPeriod)), "{}", ctx()),
         }
     }
 
@@ -269,24 +273,25 @@ proptest! {
         let r = d.request("POST", &format!("{path}/rotate"), &body);
         let ctx = || after(&r, &body);
         let after = d.key_doc(path);
-        let versions = |doc: &Value| doc["versions"].as_array().unwrap().len();
+        let versions = |doc: &KeyDocument| doc.versions.len();
         let period = match check_admin_body(&body, &r, PERIOD_FIELDS)? {
             Parsed::Refused => {
                 prop_assert_eq!(versions(&after), versions(&before), "refused but rotated: {}", ctx());
                 return Ok(());
             }
             Parsed::NoBody => None,
+            // The oracle reads the body it generated.
             Parsed::Body(v) => v["rotation_period_days"].as_u64(),
         };
         match period {
             None | Some(30 | 60 | 180 | 360) => {
                 prop_assert_eq!(r.status, 201, "{}", ctx());
                 prop_assert_eq!(versions(&after), versions(&before) + 1, "{}", ctx());
-                let kept = before["rotation_period_days"].as_u64();
-                prop_assert_eq!(after["rotation_period_days"].as_u64(), period.or(kept), "{}", ctx());
+                let kept = before.rotation_period_days.map(u64::from);
+                prop_assert_eq!(after.rotation_period_days.map(u64::from), period.or(kept), "{}", ctx());
             }
             Some(_) => {
-                prop_assert_eq!((r.status, r.error_code()), (400, "invalid_rotation_period".into()), "{}", ctx());
+                prop_assert_eq!((r.status, r.error_code()), (400, Some(Code::InvalidRotationPeriod)), "{}", ctx());
                 prop_assert_eq!(versions(&after), versions(&before), "{}", ctx());
             }
         }
@@ -308,8 +313,8 @@ proptest! {
         let ctx = || after(&r, &body);
         match check_admin_body(&body, &r, &[("code", Ty::Str)])? {
             Parsed::Refused => {}
-            Parsed::NoBody => prop_assert_eq!((r.status, r.error_code()), (400, "missing_body".into()), "{}", ctx()),
-            Parsed::Body(_) => prop_assert_eq!((r.status, r.error_code()), (409, "verification_off".into()), "{}", ctx()),
+            Parsed::NoBody => prop_assert_eq!((r.status, r.error_code()), (400, Some(Code::MissingBody)), "{}", ctx()),
+            Parsed::Body(_) => prop_assert_eq!((r.status, r.error_code()), (409, Some(Code::VerificationOff)), "{}", ctx()),
         }
     }
 }

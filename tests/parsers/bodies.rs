@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::Value;
 
-use incountry_keyd::domain::crypto;
+use incountry_keyd::domain::{crypto, Code};
 
 use crate::admin_bodies::{rotate_key, settings_key};
 use crate::daemon::{after, fresh_env, open_daemon, Reply};
@@ -32,6 +32,7 @@ pub enum Read {
 /// that does not start with `{` refused as the rules say.
 pub fn read_body(body: &[u8], r: &Reply) -> Result<Read, TestCaseError> {
     prop_assert!(r.status < 500, "server error: {}", after(r, body));
+    // Raw on purpose: any answer, served or refused, is JSON.
     prop_assert!(
         r.try_json().is_some(),
         "answer is not JSON: {}",
@@ -48,15 +49,15 @@ pub fn read_body(body: &[u8], r: &Reply) -> Result<Read, TestCaseError> {
         String::from_utf8_lossy(body)
     );
     if *first != b'{' {
-        let codes: &[&str] = if is_json_text(body) {
-            &["invalid_request"]
+        let want = if is_json_text(body) {
+            Code::InvalidRequest
         } else {
-            &["malformed_json"]
+            Code::MalformedJson
         };
         prop_assert!(
-            r.status == 400 && codes.contains(&r.error_code().as_str()),
+            r.status == 400 && r.error_code() == Some(want),
             "want 400 {:?}: {}",
-            codes,
+            want,
             after(r, body)
         );
         return Ok(Read::Refused);
@@ -75,7 +76,10 @@ pub fn read_body(body: &[u8], r: &Reply) -> Result<Read, TestCaseError> {
 /// syntax error is what it reports.
 pub fn is_json_refusal(r: &Reply) -> bool {
     r.status == 400
-        && ["malformed_json", "invalid_request", "unknown_field"].contains(&r.error_code().as_str())
+        && matches!(
+            r.error_code(),
+            Some(Code::MalformedJson | Code::InvalidRequest | Code::UnknownField)
+        )
 }
 
 /// JSON texts that are not objects, one of each kind and some edges: the empty and a
@@ -104,14 +108,14 @@ fn not_objects() -> Vec<Vec<u8>> {
 }
 
 /// The exchanges of `cases` not answered 400 `want`, described.
-fn not_refused(cases: &[(&str, String, Vec<u8>)], want: &str) -> Vec<String> {
+fn not_refused(cases: &[(&str, String, Vec<u8>)], want: Code) -> Vec<String> {
     let d = open_daemon();
     let _one_at_a_time = d.exclusive();
     cases
         .iter()
         .filter_map(|(method, path, body)| {
             let r = d.request(method, path, body);
-            let hit = (r.status, r.error_code().as_str()) == (400, want);
+            let hit = (r.status, r.error_code()) == (400, Some(want));
             (!hit).then(|| format!("{method} {path} {}", after(&r, body)))
         })
         .collect()
@@ -172,7 +176,7 @@ fn record_routes() -> Vec<(&'static str, String, &'static [u8])> {
 /// moved).
 #[test]
 fn admin_bodies_must_be_objects() {
-    let wrong = not_refused(&with_not_objects(admin_routes()), "invalid_request");
+    let wrong = not_refused(&with_not_objects(admin_routes()), Code::InvalidRequest);
     assert!(
         wrong.is_empty(),
         "non-object bodies not refused:\n{}",
@@ -186,7 +190,7 @@ fn admin_bodies_must_be_objects() {
 /// is 404 key_not_found.
 #[test]
 fn record_bodies_must_be_objects() {
-    let wrong = not_refused(&with_not_objects(record_routes()), "invalid_request");
+    let wrong = not_refused(&with_not_objects(record_routes()), Code::InvalidRequest);
     assert!(
         wrong.is_empty(),
         "non-object bodies not refused:\n{}",
@@ -194,7 +198,7 @@ fn record_bodies_must_be_objects() {
     );
     let missing = format!("/v1/keys/{}/DE/encrypt", fresh_env("nokey"));
     let r = open_daemon().request("POST", &missing, br#"{"plaintext":"x"}"#);
-    assert_eq!((r.status, r.error_code().as_str()), (404, "key_not_found"));
+    assert_eq!((r.status, r.code()), (404, Code::KeyNotFound));
 }
 
 /// Guards "not JSON → malformed_json" for bodies that would be JSON but for invalid UTF-8
@@ -218,7 +222,7 @@ fn non_utf8_bodies_are_malformed_json() {
         // malformed_json today.
         cases.push((method, path, b"{\"\x91\":1}".to_vec()));
     }
-    let wrong = not_refused(&cases, "malformed_json");
+    let wrong = not_refused(&cases, Code::MalformedJson);
     assert!(
         wrong.is_empty(),
         "invalid UTF-8 not malformed_json:\n{}",
@@ -257,7 +261,7 @@ proptest! {
             && (digits == "0" || !digits.starts_with('0'));
         let in_range = is_json_uint && digits.parse::<u64>().is_ok_and(|n| n <= u32::MAX as u64);
         let readable = serde_json::from_str::<Value>(&literal).is_ok();
-        let want_refusal = if in_range { None } else if readable { Some("invalid_request") } else { Some("malformed_json") };
+        let want_refusal = if in_range { None } else if readable { Some(Code::InvalidRequest) } else { Some(Code::MalformedJson) };
         let ctx = |what: &str, r: &Reply| format!("{what} {literal} -> {} {}", r.status, String::from_utf8_lossy(&r.body));
 
         // A record's version: in range → the version's own rules (unknown here → 404).
@@ -265,13 +269,13 @@ proptest! {
         let body = format!("{{\"ciphertext\":\"{record}\",\"version\":{literal}}}");
         let r = d.request("POST", &format!("{REC_PATH}/decrypt"), body.as_bytes());
         match want_refusal {
-            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, code.into()), "{}", ctx("version", &r)),
+            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, Some(code)), "{}", ctx("version", &r)),
             None => {
                 let n: u64 = digits.parse().unwrap();
                 match n {
                     1 => prop_assert_eq!(r.status, 200, "{}", ctx("version", &r)),
-                    2 => prop_assert_eq!(r.error_code(), "decryption_failed", "{}", ctx("version", &r)),
-                    _ => prop_assert_eq!(r.error_code(), "version_not_found", "{}", ctx("version", &r)),
+                    2 => prop_assert_eq!(r.error_code(), Some(Code::DecryptionFailed), "{}", ctx("version", &r)),
+                    _ => prop_assert_eq!(r.error_code(), Some(Code::VersionNotFound), "{}", ctx("version", &r)),
                 }
             }
         }
@@ -281,10 +285,10 @@ proptest! {
         let body = format!("{{\"rotation_period_days\":{literal}}}");
         let r = d.request("PATCH", settings_key(), body.as_bytes());
         match want_refusal {
-            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, code.into()), "{}", ctx("settings", &r)),
+            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, Some(code)), "{}", ctx("settings", &r)),
             None => match digits.parse::<u64>().unwrap() {
                 30 | 60 | 180 | 360 => prop_assert_eq!(r.status, 200, "{}", ctx("settings", &r)),
-                _ => prop_assert_eq!(r.error_code(), "invalid_rotation_period", "{}", ctx("settings", &r)),
+                _ => prop_assert_eq!(r.error_code(), Some(Code::InvalidRotationPeriod), "{}", ctx("settings", &r)),
             },
         }
 
@@ -294,10 +298,10 @@ proptest! {
         let path = format!("/v1/keys/{}/FR", fresh_env("number"));
         let r = d.request("POST", &path, body.as_bytes());
         match want_refusal {
-            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, code.into()), "{}", ctx("create", &r)),
+            Some(code) => prop_assert_eq!((r.status, r.error_code()), (400, Some(code)), "{}", ctx("create", &r)),
             None => match digits.parse::<u64>().unwrap() {
                 30 | 60 | 180 | 360 => prop_assert_eq!(r.status, 201, "{}", ctx("create", &r)),
-                _ => prop_assert_eq!(r.error_code(), "invalid_rotation_period", "{}", ctx("create", &r)),
+                _ => prop_assert_eq!(r.error_code(), Some(Code::InvalidRotationPeriod), "{}", ctx("create", &r)),
             },
         }
     }

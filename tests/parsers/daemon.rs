@@ -1,17 +1,14 @@
 //! The daemon in this process: the real `api::serve`, `Keyring`, `Verifier` and SQLite
-//! `Store`, with an in-memory AES-GCM HSM, a KMS that accepts everything and a clock that
+//! `Store`, with the crate's in-memory HSM (`hsm::fake`), a KMS that accepts everything and a clock that
 //! only moves when a test moves it, on a Unix socket in a temp dir. Requests go through
 //! the harness (the crate's own client); a raw socket only for header bytes no client sends.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use aes_gcm::aead::rand_core::RngCore;
-use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -19,129 +16,17 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 pub use harness::Reply;
-use harness::{raw, request};
+use harness::{raw, request, Secrets};
 use incountry_keyd::api::App;
 use incountry_keyd::api::{self, Peer, Role};
 use incountry_keyd::config::Config;
-use incountry_keyd::domain::clock::Clock;
-use incountry_keyd::hsm::{Hsm, HsmError, HsmWorker, MAC_LEN, WRAP_IV_LEN};
+use incountry_keyd::domain::clock::ManualClock;
+use incountry_keyd::hsm::fake::FakeHsm;
 use incountry_keyd::keyring::Keyring;
 use incountry_keyd::kms::{AwsKeyRef, DecryptFuture, KmsDecrypt};
+use incountry_keyd::proto::KeyDocument;
 use incountry_keyd::store;
 use incountry_keyd::verify::Verifier;
-
-/// AES-256-GCM root keys, MAC keys and anchor slots in memory, with the `Hsm` trait's
-/// error semantics.
-#[derive(Default)]
-struct MemoryHsm {
-    roots: HashMap<String, [u8; 32]>,
-    macs: HashMap<String, [u8; 32]>,
-    anchors: HashMap<usize, Vec<u8>>,
-}
-
-impl MemoryHsm {
-    fn cipher(&self, label: &str) -> Result<Aes256Gcm, HsmError> {
-        let key = self
-            .roots
-            .get(label)
-            .ok_or_else(|| HsmError::RootKeyMissing(label.to_string()))?;
-        Ok(Aes256Gcm::new(key.into()))
-    }
-}
-
-impl Hsm for MemoryHsm {
-    fn ensure_root_key(&mut self, label: &str, create: bool) -> Result<bool, HsmError> {
-        if self.roots.contains_key(label) {
-            return Ok(false);
-        }
-        if !create {
-            return Err(HsmError::RootKeyMissing(label.to_string()));
-        }
-        let mut key = [0u8; 32];
-        OsRng.fill_bytes(&mut key);
-        self.roots.insert(label.to_string(), key);
-        Ok(true)
-    }
-
-    fn random(&mut self, buf: &mut [u8]) -> Result<(), HsmError> {
-        OsRng.fill_bytes(buf);
-        Ok(())
-    }
-
-    fn seal(
-        &mut self,
-        label: &str,
-        iv: &[u8; WRAP_IV_LEN],
-        aad: &[u8],
-        plaintext: &[u8],
-    ) -> Result<Vec<u8>, HsmError> {
-        self.cipher(label)?
-            .encrypt(
-                Nonce::from_slice(iv),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .map_err(|_| HsmError::Unavailable("seal".into()))
-    }
-
-    fn open(
-        &mut self,
-        label: &str,
-        iv: &[u8; WRAP_IV_LEN],
-        aad: &[u8],
-        sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        self.cipher(label)?
-            .decrypt(Nonce::from_slice(iv), Payload { msg: sealed, aad })
-            .map(Zeroizing::new)
-            .map_err(|_| HsmError::Integrity)
-    }
-
-    fn ensure_mac_key(&mut self, label: &str, create: bool) -> Result<bool, HsmError> {
-        if self.macs.contains_key(label) {
-            return Ok(false);
-        }
-        if !create {
-            return Err(HsmError::RootKeyMissing(label.to_string()));
-        }
-        let mut key = [0u8; 32];
-        OsRng.fill_bytes(&mut key);
-        self.macs.insert(label.to_string(), key);
-        Ok(true)
-    }
-
-    /// A keyed SHA-256 (not HMAC: a stand-in with the same interface).
-    fn mac(&mut self, label: &str, data: &[u8]) -> Result<[u8; MAC_LEN], HsmError> {
-        use sha2::Digest;
-        let key = self
-            .macs
-            .get(label)
-            .ok_or_else(|| HsmError::RootKeyMissing(label.to_string()))?;
-        let mut h = sha2::Sha256::new();
-        h.update(key);
-        h.update(data);
-        Ok(h.finalize().into())
-    }
-
-    fn read_anchors(&mut self) -> Result<Vec<Vec<u8>>, HsmError> {
-        Ok(self.anchors.values().cloned().collect())
-    }
-
-    fn write_anchor(&mut self, slot: usize, bytes: &[u8]) -> Result<(), HsmError> {
-        self.anchors.insert(slot, bytes.to_vec());
-        Ok(())
-    }
-
-    fn ping(&mut self) -> Result<(), HsmError> {
-        Ok(())
-    }
-
-    fn reconnect(&mut self) -> Result<(), HsmError> {
-        Ok(())
-    }
-}
 
 /// A KMS that decrypts every registration to the same 32 bytes.
 struct AcceptingKms;
@@ -149,21 +34,6 @@ struct AcceptingKms;
 impl KmsDecrypt for AcceptingKms {
     fn decrypt<'a>(&'a self, _key: &'a AwsKeyRef) -> DecryptFuture<'a> {
         Box::pin(async { Ok(Zeroizing::new(vec![0x5a; 32])) })
-    }
-}
-
-/// Time that moves only when a test moves it (TOTP windows must not shift mid-case).
-pub struct ManualClock {
-    unix: AtomicI64,
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp(self.unix.load(Ordering::SeqCst)).unwrap()
-    }
-    fn advance(&self, seconds: i64) -> bool {
-        self.unix.fetch_add(seconds, Ordering::SeqCst);
-        true
     }
 }
 
@@ -221,11 +91,9 @@ impl InProcess {
             .unwrap();
         // A fixed, whole-minute start: TOTP steps line up with the clock's moves.
         let start = OffsetDateTime::now_utc().unix_timestamp() / 60 * 60;
-        let clock = Arc::new(ManualClock {
-            unix: AtomicI64::new(start),
-        });
-        let (hsm, hsm_thread) =
-            HsmWorker::start(|| Ok(Box::new(MemoryHsm::default()) as Box<dyn Hsm>)).unwrap();
+        // Time that moves only when a test moves it (TOTP windows must not shift mid-case).
+        let clock = Arc::new(ManualClock::at(start));
+        let (hsm, hsm_thread) = FakeHsm::default().start();
         // The worker ends with the process.
         std::mem::forget(hsm_thread);
         let store = store::open(&dir.join("state")).unwrap();
@@ -264,7 +132,7 @@ impl InProcess {
     }
 
     pub fn now(&self) -> i64 {
-        self.clock.unix.load(Ordering::SeqCst)
+        self.clock.unix()
     }
 
     /// One request with `body` as it is. A connection closed without an answer (what a
@@ -316,27 +184,24 @@ impl InProcess {
             path,
             &json!({"type": "incountry-managed", "rotation_period_days": 30}),
         )
-        .ok(201);
+        .assert_status(201);
     }
 
     /// The key document at `path`, for what a change wrote.
-    pub fn key_doc(&self, path: &str) -> Value {
+    pub fn key_doc(&self, path: &str) -> KeyDocument {
         self.request("GET", path, b"").ok(200)
     }
 
     /// The data keys of a key, by version, from its secrets document.
     pub fn data_keys(&self, env: &str, country: &str) -> HashMap<u32, [u8; 32]> {
-        let doc = self.key_doc(&format!("/v1/keys/{env}/{country}/secrets"));
-        doc["secrets"]
-            .as_array()
-            .unwrap()
+        let r = self.request("GET", &format!("/v1/keys/{env}/{country}/secrets"), b"");
+        r.assert_status(200);
+        Secrets::parse(r.body)
+            .secrets
             .iter()
             .map(|s| {
-                let key = STANDARD.decode(s["secret"].as_str().unwrap()).unwrap();
-                (
-                    s["version"].as_u64().unwrap() as u32,
-                    key.try_into().unwrap(),
-                )
+                let key = STANDARD.decode(s.secret.as_bytes()).unwrap();
+                (s.version, key.try_into().unwrap())
             })
             .collect()
     }

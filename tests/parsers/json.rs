@@ -1,8 +1,7 @@
 //! JSON oracles, written apart from the daemon: what a JSON text is (RFC 8259), serde's
 //! view of a struct's fields, and objects with a key twice.
 
-use std::collections::BTreeSet;
-
+use incountry_keyd::domain::Code;
 use serde_json::Value;
 
 /// Whether `bytes` is one JSON text as RFC 8259 defines it: UTF-8 (section 8.1) and the
@@ -177,17 +176,16 @@ fn type_ok(ty: Ty, v: Option<&Value>) -> bool {
 /// The codes a JSON value may get from a `deny_unknown_fields` struct of these fields:
 /// empty when it parses. (With several faults serde reports the first it meets, so any of
 /// them may come back.)
-pub fn shape_faults(v: &Value, fields: &[(&str, Ty)]) -> BTreeSet<&'static str> {
-    let mut faults = BTreeSet::new();
+pub fn shape_faults(v: &Value, fields: &[(&str, Ty)]) -> Vec<Code> {
+    let mut faults = Vec::new();
     let Some(obj) = v.as_object() else {
-        faults.insert("invalid_request");
-        return faults;
+        return vec![Code::InvalidRequest];
     };
     if obj.keys().any(|k| !fields.iter().any(|(f, _)| f == k)) {
-        faults.insert("unknown_field");
+        faults.push(Code::UnknownField);
     }
     if fields.iter().any(|(f, ty)| !type_ok(*ty, obj.get(*f))) {
-        faults.insert("invalid_request");
+        faults.push(Code::InvalidRequest);
     }
     faults
 }

@@ -2,6 +2,8 @@
 
 use proptest::prelude::*;
 
+use incountry_keyd::domain::Code;
+
 use crate::daemon::open_daemon;
 use crate::record_bodies::record_key;
 use crate::strategies::config;
@@ -29,14 +31,14 @@ proptest! {
         if wait_ok {
             prop_assert_eq!(r.status, 200, "wait={}", value);
         } else {
-            prop_assert_eq!((r.status, r.error_code()), (400, "invalid_wait".into()), "wait={}", value);
+            prop_assert_eq!((r.status, r.error_code()), (400, Some(Code::InvalidWait)), "wait={}", value);
         }
         let r = d.request("GET", &format!("/v1/audit?since={value}"), b"");
         let since_ok = value.parse::<i64>().is_ok_and(|s| s >= 0);
         if since_ok {
             prop_assert_eq!(r.status, 200, "since={}", value);
         } else {
-            prop_assert_eq!((r.status, r.error_code()), (400, "invalid_since".into()), "since={}", value);
+            prop_assert_eq!((r.status, r.error_code()), (400, Some(Code::InvalidSince)), "since={}", value);
         }
     }
 }

@@ -1,16 +1,18 @@
 //! Record bodies of encrypt, decrypt and rewrap, single and `{"batch": [...]}`, against a
 //! model of the contract, over HTTP.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::{json, Value};
 
-use incountry_keyd::domain::crypto;
+use incountry_keyd::domain::{crypto, Code};
+use incountry_keyd::proto::{BatchAnswer, Encrypted, ItemResult, Rewrapped};
 
 use crate::bodies::{read_body, Read};
 use crate::daemon::{after, open_daemon, Reply};
@@ -19,11 +21,11 @@ use crate::strategies::{
     arb_body_bytes, arb_json, arb_key_name, arb_number, arb_record, config, one_field_changed,
 };
 
-fn status_of(code: &str) -> u16 {
+fn status_of(code: Code) -> u16 {
     match code {
-        "version_not_found" | "key_not_found" => 404,
-        "verification_off" => 409,
-        "body_too_large" => 413,
+        Code::VersionNotFound | Code::KeyNotFound => 404,
+        Code::VerificationOff => 409,
+        Code::BodyTooLarge => 413,
         _ => 400,
     }
 }
@@ -68,7 +70,8 @@ pub fn record_key() -> &'static RecordKey {
     K.get_or_init(|| {
         let d = open_daemon();
         d.create_managed(REC_PATH);
-        d.post(&format!("{REC_PATH}/rotate"), &json!({})).ok(201);
+        d.post(&format!("{REC_PATH}/rotate"), &json!({}))
+            .assert_status(201);
         RecordKey {
             keys: d.data_keys("records", "DE"),
             active: 2,
@@ -171,11 +174,11 @@ enum Want {
     /// back when it already was.
     Rewrapped(Vec<u8>, Option<String>),
     /// Refused with one of these codes.
-    Refused(BTreeSet<&'static str>),
+    Refused(Vec<Code>),
 }
 
-fn refused(code: &'static str) -> Want {
-    Want::Refused([code].into())
+fn refused(code: Code) -> Want {
+    Want::Refused(vec![code])
 }
 
 fn want_item(op: Op, item: &Value, rk: &RecordKey) -> Want {
@@ -183,6 +186,8 @@ fn want_item(op: Op, item: &Value, rk: &RecordKey) -> Want {
     if !faults.is_empty() {
         return Want::Refused(faults);
     }
+    // The oracle reads the item it generated (raw on purpose: any JSON; the shape was
+    // checked just above).
     if let Op::Encrypt = op {
         return Want::Encrypted(item["plaintext"].as_str().unwrap().to_string());
     }
@@ -194,26 +199,26 @@ fn want_item(op: Op, item: &Value, rk: &RecordKey) -> Want {
     let plain = if let Some(b64) = ct.strip_prefix("pt:") {
         match STANDARD.decode(b64) {
             Ok(p) => p,
-            Err(_) => return refused("decryption_failed"),
+            Err(_) => return refused(Code::DecryptionFailed),
         }
     } else if ct.starts_with("2:") {
         let Some(v) = version else {
-            return refused("missing_version");
+            return refused(Code::MissingVersion);
         };
         let Some(key) = rk.keys.get(&v) else {
-            return refused("version_not_found");
+            return refused(Code::VersionNotFound);
         };
         match crypto::decrypt(key, ct) {
             Ok(p) => p.to_vec(),
-            Err(_) => return refused("decryption_failed"),
+            Err(_) => return refused(Code::DecryptionFailed),
         }
     } else {
-        return refused("unsupported_format");
+        return refused(Code::UnsupportedFormat);
     };
     match op {
         Op::Decrypt => match String::from_utf8(plain) {
             Ok(s) => Want::Decrypted(s),
-            Err(_) => refused("plaintext_not_text"),
+            Err(_) => refused(Code::PlaintextNotText),
         },
         _ => {
             let unchanged =
@@ -223,50 +228,89 @@ fn want_item(op: Op, item: &Value, rk: &RecordKey) -> Want {
     }
 }
 
+/// One answer to check: a single request's, or one result of a batch.
+enum Got {
+    /// Served: the answer document (raw: the contract says which type it is).
+    Served(Value),
+    /// Refused: the error code, and the status (a batch result carries its own).
+    Refused(Code, u16),
+    /// An error status without an error document.
+    Unreadable,
+}
+
+impl Got {
+    /// A single request's answer.
+    fn of(r: &Reply) -> Got {
+        match (r.status, r.try_error()) {
+            (200, _) => Got::Served(r.try_json().unwrap_or_default()),
+            (status, Some(e)) => Got::Refused(e.error.code, status),
+            (_, None) => Got::Unreadable,
+        }
+    }
+
+    /// One result of a batch.
+    fn of_item(result: ItemResult<Value>) -> Got {
+        match result {
+            ItemResult::Failed(e) => Got::Refused(e.error.code, e.error.status),
+            ItemResult::Done(v) => Got::Served(v),
+        }
+    }
+}
+
+/// A served answer as the wire type the contract says it is.
+fn served<T: DeserializeOwned>(got: &Value, ctx: &dyn Fn() -> String) -> Result<T, TestCaseError> {
+    serde_json::from_value(got.clone()).map_err(|e| TestCaseError::fail(format!("{e}: {}", ctx())))
+}
+
 /// Checks one answer (status and document, or a batch result) against the contract.
 fn check_item(
     op: Op,
     item: &Value,
-    status: u16,
-    got: &Value,
+    got: &Got,
+    shown: &str,
     rk: &RecordKey,
 ) -> Result<(), TestCaseError> {
-    let ctx = || format!("{op:?} {item} -> {status} {got}");
-    match want_item(op, item, rk) {
-        Want::Refused(codes) => {
-            let code = got["error"]["code"].as_str().unwrap_or_default();
+    let ctx = || format!("{op:?} {item} -> {shown}");
+    let want = want_item(op, item, rk);
+    let doc = match (want, got) {
+        (Want::Refused(codes), Got::Refused(code, status)) => {
             prop_assert!(codes.contains(code), "want one of {:?}: {}", codes, ctx());
-            prop_assert_eq!(status, status_of(code), "{}", ctx());
+            prop_assert_eq!(*status, status_of(*code), "{}", ctx());
+            return Ok(());
         }
-        Want::Encrypted(p) => {
-            prop_assert_eq!(status, 200, "{}", ctx());
-            prop_assert_eq!(got["version"].as_u64(), Some(rk.active as u64), "{}", ctx());
-            let ct = got["ciphertext"].as_str().unwrap_or_default();
-            let back = crypto::decrypt(&rk.keys[&rk.active], ct)
+        (Want::Refused(codes), _) => {
+            return Err(TestCaseError::fail(format!(
+                "want one of {codes:?}: {}",
+                ctx()
+            )));
+        }
+        (want, Got::Served(doc)) => (want, doc),
+        (_, _) => return Err(TestCaseError::fail(format!("want 200: {}", ctx()))),
+    };
+    match doc {
+        (Want::Encrypted(p), got) => {
+            let got: Encrypted = served(got, &ctx)?;
+            prop_assert_eq!(got.version, rk.active, "{}", ctx());
+            let back = crypto::decrypt(&rk.keys[&rk.active], &got.ciphertext)
                 .map_err(|e| TestCaseError::fail(format!("{e}: {}", ctx())))?;
             prop_assert_eq!(&back[..], p.as_bytes(), "{}", ctx());
         }
-        Want::Decrypted(p) => {
-            prop_assert_eq!(status, 200, "{}", ctx());
+        (Want::Decrypted(p), got) => {
+            // Raw on purpose: the answer is the plaintext and nothing else.
             prop_assert_eq!(got, &json!({ "plaintext": p }), "{}", ctx());
         }
-        Want::Rewrapped(p, unchanged) => {
-            prop_assert_eq!(status, 200, "{}", ctx());
-            prop_assert_eq!(got["version"].as_u64(), Some(rk.active as u64), "{}", ctx());
-            prop_assert_eq!(
-                got["rewrapped"].as_bool(),
-                Some(unchanged.is_none()),
-                "{}",
-                ctx()
-            );
-            let ct = got["ciphertext"].as_str().unwrap_or_default();
+        (Want::Rewrapped(p, unchanged), got) => {
+            let got: Rewrapped = served(got, &ctx)?;
+            prop_assert_eq!(got.version, rk.active, "{}", ctx());
+            prop_assert_eq!(got.rewrapped, unchanged.is_none(), "{}", ctx());
             if let Some(same) = unchanged {
-                prop_assert_eq!(ct, same.as_str(), "{}", ctx());
+                prop_assert_eq!(got.ciphertext.as_str(), same.as_str(), "{}", ctx());
             }
-            let back = crypto::decrypt(&rk.keys[&rk.active], ct)
+            let back = crypto::decrypt(&rk.keys[&rk.active], &got.ciphertext)
                 .map_err(|e| TestCaseError::fail(format!("{e}: {}", ctx())))?;
             prop_assert_eq!(&back[..], &p[..], "{}", ctx());
         }
+        (Want::Refused(_), _) => unreachable!("refusals are checked above"),
     }
     Ok(())
 }
@@ -282,17 +326,18 @@ fn send_record_body(op: Op, body: &[u8]) -> Result<(), TestCaseError> {
 fn check_record_body(op: Op, body: &[u8], r: &Reply, rk: &RecordKey) -> Result<(), TestCaseError> {
     let refusal = match read_body(body, r)? {
         Read::Refused => return Ok(()),
-        Read::Empty => "invalid_request",
-        Read::Broken => "malformed_json",
+        Read::Empty => Code::InvalidRequest,
+        Read::Broken => Code::MalformedJson,
         Read::Object(value) => {
             let obj = value.as_object().unwrap();
             let Some(batch) = obj.get("batch") else {
-                return check_item(op, &value, r.status, &r.json(), rk);
+                let shown = format!("{} {}", r.status, r.text());
+                return check_item(op, &value, &Got::of(r), &shown, rk);
             };
             match batch.as_array() {
-                _ if obj.len() != 1 => "unknown_field",
-                None => "invalid_request",
-                Some(items) if items.len() > 1000 => "batch_too_large",
+                _ if obj.len() != 1 => Code::UnknownField,
+                None => Code::InvalidRequest,
+                Some(items) if items.len() > 1000 => Code::BatchTooLarge,
                 Some(items) => return check_batch(op, items, body, r, rk),
             }
         }
@@ -300,7 +345,7 @@ fn check_record_body(op: Op, body: &[u8], r: &Reply, rk: &RecordKey) -> Result<(
     let ctx = || format!("{op:?} {}", after(r, body));
     prop_assert_eq!(
         (r.status, r.error_code()),
-        (400, refusal.into()),
+        (400, Some(refusal)),
         "{}",
         ctx()
     );
@@ -316,22 +361,25 @@ fn check_batch(
     rk: &RecordKey,
 ) -> Result<(), TestCaseError> {
     let ctx = || format!("{op:?} {}", after(r, body));
-    let got = r.json();
     prop_assert_eq!(r.status, 200, "{}", ctx());
-    let results = got["results"].as_array().cloned().unwrap_or_default();
-    prop_assert_eq!(results.len(), items.len(), "{}", ctx());
-    let failed = results.iter().filter(|x| x.get("error").is_some()).count();
-    prop_assert_eq!(got["failed"].as_u64(), Some(failed as u64), "{}", ctx());
-    prop_assert_eq!(
-        got["succeeded"].as_u64(),
-        Some((items.len() - failed) as u64),
-        "{}",
-        ctx()
-    );
-    for (item, result) in items.iter().zip(&results) {
-        // A batch result carries its own status.
-        let status = result["error"]["status"].as_u64().unwrap_or(200) as u16;
-        check_item(op, item, status, result, rk)?;
+    let answer: BatchAnswer<Value> = serde_json::from_slice(&r.body)
+        .map_err(|e| TestCaseError::fail(format!("{e}: {}", ctx())))?;
+    prop_assert_eq!(answer.results.len(), items.len(), "{}", ctx());
+    let results: Vec<Got> = answer.results.into_iter().map(Got::of_item).collect();
+    let failed = results
+        .iter()
+        .filter(|g| matches!(g, Got::Refused(..)))
+        .count();
+    prop_assert_eq!(answer.failed, failed, "{}", ctx());
+    prop_assert_eq!(answer.succeeded, items.len() - failed, "{}", ctx());
+    for (i, (item, result)) in items.iter().zip(&results).enumerate() {
+        check_item(
+            op,
+            item,
+            result,
+            &format!("result {i} of {}", after(r, body)),
+            rk,
+        )?;
     }
     Ok(())
 }
@@ -368,6 +416,7 @@ proptest! {
         extra in prop::option::weighted(0.1, (arb_key_name(), arb_json())),
         not_array in prop::option::weighted(0.05, arb_json()),
     ) {
+        // The request, built raw on purpose: "batch" may be any JSON.
         let mut body = json!({ "batch": items });
         if let Some(v) = not_array {
             body["batch"] = v;
@@ -408,9 +457,9 @@ fn batch_size_edge() {
         let r = d.post(&format!("{REC_PATH}/decrypt"), &body);
         assert_eq!(r.status, want, "{n} items");
         if want == 400 {
-            assert_eq!(r.error_code(), "batch_too_large");
+            assert_eq!(r.code(), Code::BatchTooLarge);
         } else {
-            assert_eq!(r.json()["failed"], n);
+            assert_eq!(r.read::<BatchAnswer<IgnoredAny>>().failed, n);
         }
     }
 }

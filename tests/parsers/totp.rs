@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 
-use incountry_keyd::domain::clock::Clock;
+use incountry_keyd::domain::Code;
 
 use crate::daemon::{me, InProcess};
 use crate::strategies::config;
@@ -53,7 +53,7 @@ fn totp_daemon() -> &'static TotpDaemon {
             &[("X-Verification-Code", &code)],
             br#"{"type":"incountry-managed","rotation_period_days":30}"#,
         );
-        r.ok(201);
+        r.assert_status(201);
         TotpDaemon { d, totp }
     })
 }
@@ -197,13 +197,13 @@ proptest! {
         } else {
             let code = r.error_code();
             prop_assert!(
-                (r.status == 401 && ["verification_failed", "verification_required"].contains(&code.as_str()))
+                (r.status == 401 && matches!(code, Some(Code::VerificationFailed | Code::VerificationRequired)))
                     || (r.status == 400 && r.body.is_empty()),
                 "{}", ctx()
             );
             if !field.is_empty() && field.iter().all(|b| (0x20..0x7f).contains(b)) {
                 // A readable, non-empty value reaches the verifier.
-                prop_assert_eq!(code, "verification_failed", "{}", ctx());
+                prop_assert_eq!(code, Some(Code::VerificationFailed), "{}", ctx());
             }
         }
     }
@@ -227,8 +227,8 @@ proptest! {
             Ok(()) => prop_assert!(valid, "{:?} accepted (window {:?})", value, window),
             Err(e) => {
                 prop_assert!(!valid, "{:?} refused: {}", value, e);
-                let want = if trimmed.is_empty() { "verification_required" } else { "verification_failed" };
-                prop_assert_eq!(e.code().as_str(), want, "{:?}", value);
+                let want = if trimmed.is_empty() { Code::VerificationRequired } else { Code::VerificationFailed };
+                prop_assert_eq!(e.code(), want, "{:?}", value);
             }
         }
     }

@@ -4,9 +4,21 @@ use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use serde_json::{json, Value};
+use incountry_keyd::domain::Code;
+use incountry_keyd::proto::{BatchAnswer, Decrypted, Encrypted, Rewrapped};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
 
-use crate::{batch, daemon, encrypt_all, healthy, op, rotate, version_doc};
+/// A batch answer's items as sent, by field name: raw on purpose, to see that a failed item
+/// carries its error and nothing beside it.
+#[derive(Deserialize)]
+struct RawItems {
+    results: Vec<Map<String, Value>>,
+}
+
+use crate::{
+    batch, code_of, daemon, encrypt_all, healthy, items_of, op, plaintext_of, record, rotate,
+};
 
 #[test]
 fn batch_of_1000_with_bad_items() {
@@ -25,32 +37,27 @@ fn batch_of_1000_with_bad_items() {
             _ => json!({ "plaintext": p }),
         })
         .collect();
-    let r = op(&d, "encrypt", json!({ "batch": items }));
-    assert_eq!(r.status, 200);
-    let doc = r.json();
-    assert_eq!(
-        (doc["succeeded"].as_u64(), doc["failed"].as_u64()),
-        (Some(997), Some(3))
-    );
-    let results = doc["results"].as_array().unwrap();
-    assert_eq!(results[5]["error"]["code"], "invalid_request");
-    assert_eq!(results[7]["error"]["code"], "unknown_field");
-    assert_eq!(results[9]["error"]["code"], "invalid_request");
+    let doc: BatchAnswer<Encrypted> = op(&d, "encrypt", json!({ "batch": items })).ok(200);
+    assert_eq!((doc.succeeded, doc.failed), (997, 3));
+    let results: Vec<_> = doc.results.into_iter().map(|r| r.into_result()).collect();
+    assert_eq!(code_of(&results[5]), Some(Code::InvalidRequest));
+    assert_eq!(code_of(&results[7]), Some(Code::UnknownField));
+    assert_eq!(code_of(&results[9]), Some(Code::InvalidRequest));
     let cts = encrypt_all(&d, &plaintexts);
     assert!(cts.iter().all(|(_, v)| *v == 1));
     assert_eq!(rotate(&d), 2);
 
     // Decrypt and rewrap 1000 records, every tenth one bad in its own way.
-    let expect = |i: usize| -> Option<&'static str> {
+    let expect = |i: usize| -> Option<Code> {
         if i % 10 != 3 {
             return None;
         }
         Some(match (i / 10) % 5 {
-            0 => "decryption_failed",
-            1 => "version_not_found",
-            2 => "unsupported_format",
-            3 => "missing_version",
-            _ => "decryption_failed",
+            0 => Code::DecryptionFailed,
+            1 => Code::VersionNotFound,
+            2 => Code::UnsupportedFormat,
+            3 => Code::MissingVersion,
+            _ => Code::DecryptionFailed,
         })
     };
     let items: Vec<Value> = cts
@@ -71,29 +78,37 @@ fn batch_of_1000_with_bad_items() {
         })
         .collect();
     let started = Instant::now();
-    let decrypted = batch(&d, "decrypt", items.clone());
+    let r = op(&d, "decrypt", json!({ "batch": items.clone() }));
     let decrypt_time = started.elapsed();
+    assert_eq!(r.status, 200, "decrypt batch: {}", r.text());
+    let decrypted = items_of::<Decrypted>(&r);
+    assert_eq!(decrypted.len(), 1000);
+    let raw: RawItems = r.read();
     let started = Instant::now();
-    let rewrapped = batch(&d, "rewrap", items);
+    let rewrapped = batch::<Rewrapped>(&d, "rewrap", items);
     let rewrap_time = started.elapsed();
     eprintln!("batch of 1000: decrypt {decrypt_time:?}, rewrap {rewrap_time:?}");
     let mut again = Vec::new();
     for i in 0..1000 {
         match expect(i) {
             Some(code) => {
-                assert_eq!(decrypted[i]["error"]["code"], code, "item {i}");
-                assert_eq!(rewrapped[i]["error"]["code"], code, "item {i}");
-                assert!(decrypted[i].get("plaintext").is_none());
+                assert_eq!(code_of(&decrypted[i]), Some(code), "item {i}");
+                assert_eq!(code_of(&rewrapped[i]), Some(code), "item {i}");
+                // An error, and no plaintext beside it.
+                let fields: Vec<&String> = raw.results[i].keys().collect();
+                assert_eq!(fields, ["error"], "item {i}");
             }
             None => {
                 assert_eq!(
-                    decrypted[i]["plaintext"],
-                    plaintexts[i].as_str(),
+                    plaintext_of(&decrypted[i]),
+                    Some(plaintexts[i].as_str()),
                     "item {i}"
                 );
-                assert_eq!(rewrapped[i]["version"], 2);
-                assert_eq!(rewrapped[i]["rewrapped"], true);
-                again.push((i, rewrapped[i].clone()));
+                let r = rewrapped[i]
+                    .clone()
+                    .unwrap_or_else(|e| panic!("item {i}: {e:?}"));
+                assert_eq!((r.version, r.rewrapped), (2, true), "item {i}");
+                again.push((i, r));
             }
         }
     }
@@ -104,13 +119,13 @@ fn batch_of_1000_with_bad_items() {
         "decrypt",
         again
             .iter()
-            .map(|(_, r)| json!({"ciphertext": r["ciphertext"], "version": r["version"]}))
+            .map(|(_, r)| record(&r.ciphertext, r.version))
             .collect(),
     );
     for ((i, _), r) in again.iter().zip(&back) {
-        assert_eq!(r["plaintext"], plaintexts[*i].as_str());
+        assert_eq!(plaintext_of(r), Some(plaintexts[*i].as_str()));
     }
-    assert_eq!(version_doc(&d, 2)["records_rewrapped"], 900);
-    assert_eq!(version_doc(&d, 1)["records_encrypted"], 997 + 1000);
+    assert_eq!(d.version("prod", "DE", 2).records_rewrapped, 900);
+    assert_eq!(d.version("prod", "DE", 1).records_encrypted, 997 + 1000);
     healthy(&d);
 }

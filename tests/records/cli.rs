@@ -9,9 +9,49 @@ use std::time::Instant;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use harness::{bin, Daemon};
-use serde_json::{json, Value};
+use incountry_keyd::proto::{Decrypted, Encrypted};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
 
-use crate::{batch, daemon, encrypt_all, ok, rotate, sdk_batch, sdk_plaintext, version_doc};
+use crate::{batch, daemon, encrypt_all, ok, plaintext_of, record, rotate, sdk_batch};
+
+/// What `rewrap --json` prints, the fields the tests check (the CLI's
+/// `cli::rewrap::Summary`: not a wire type, it only serializes).
+#[derive(Deserialize)]
+struct Summary {
+    active_version: u32,
+    records: u64,
+    rewrapped: u64,
+    already_current: u64,
+    failed: u64,
+    failures: Vec<Failure>,
+    requests: u64,
+}
+
+#[derive(Deserialize)]
+struct Failure {
+    reason: String,
+    lines: Vec<u64>,
+}
+
+/// The fields of an SDK record line that rewrap changes (the others pass through as they
+/// are, which the tests check on the raw line).
+#[derive(Deserialize)]
+struct RecordLine {
+    body: String,
+    #[serde(default)]
+    precommit_body: Option<String>,
+    version: u32,
+}
+
+fn summary_of(out: &Output) -> Summary {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "rewrap --json: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
 
 /// Runs the CLI with `stdin` piped in.
 fn cli_with_stdin(d: &Daemon, args: &[&str], stdin: &[u8]) -> Output {
@@ -69,13 +109,13 @@ fn cli_encrypt_decrypt_and_rewrap_failures() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("version_not_found"));
     let out = cli_with_stdin(&d, &["--json", "encrypt", "prod", "DE"], b"x");
-    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(doc["version"], 1);
+    let doc: Encrypted = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc.version, 1);
 
     // A file with good, current, unencrypted and bad records.
     let v1 = ct.trim();
     assert_eq!(rotate(&d), 2);
-    let v2 = ok(&d, "encrypt", json!({"plaintext": "current"}));
+    let v2: Encrypted = ok(&d, "encrypt", json!({"plaintext": "current"}));
     let lines = [
         json!({"record_key": "a", "body": v1, "version": 1}).to_string(),
         "not json at all".to_string(),
@@ -84,7 +124,7 @@ fn cli_encrypt_decrypt_and_rewrap_failures() {
         json!({"record_key": "c", "body": "x:abc", "version": 1}).to_string(),
         json!({"record_key": "d", "version": 1}).to_string(),
         json!({"record_key": "e", "body": format!("pt:{}", STANDARD.encode("plain")), "version": 0}).to_string(),
-        json!({"record_key": "f", "body": v2["ciphertext"], "version": 2}).to_string(),
+        json!({"record_key": "f", "body": v2.ciphertext, "version": 2}).to_string(),
         json!({"record_key": "g", "body": v1, "version": 5}).to_string(),
     ];
     let dir = d.tmp.path();
@@ -112,16 +152,15 @@ fn cli_encrypt_decrypt_and_rewrap_failures() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.stderr.is_empty(), "no progress bar off a terminal");
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["records"], 8);
-    assert_eq!(summary["rewrapped"], 2);
-    assert_eq!(summary["already_current"], 1);
-    assert_eq!(summary["failed"], 5);
-    let reasons: Vec<String> = summary["failures"]
-        .as_array()
-        .unwrap()
+    let summary = summary_of(&out);
+    assert_eq!(summary.records, 8);
+    assert_eq!(summary.rewrapped, 2);
+    assert_eq!(summary.already_current, 1);
+    assert_eq!(summary.failed, 5);
+    let reasons: Vec<String> = summary
+        .failures
         .iter()
-        .map(|f| format!("{} {}", f["reason"].as_str().unwrap(), f["lines"]))
+        .map(|f| format!("{} {}", f.reason, json!(f.lines)))
         .collect();
     let all = reasons.join("\n");
     for want in [
@@ -140,14 +179,10 @@ fn cli_encrypt_decrypt_and_rewrap_failures() {
         assert_eq!(out_lines[i], lines[i], "line {} unchanged", i + 1);
     }
     for i in [0, 6] {
-        let rec: Value = serde_json::from_str(out_lines[i]).unwrap();
-        assert_eq!(rec["version"], 2);
-        let back = ok(
-            &d,
-            "decrypt",
-            json!({"ciphertext": rec["body"], "version": 2}),
-        );
-        assert_eq!(back["plaintext"], if i == 0 { text } else { "plain" });
+        let rec: RecordLine = serde_json::from_str(out_lines[i]).unwrap();
+        assert_eq!(rec.version, 2);
+        let back: Decrypted = ok(&d, "decrypt", record(&rec.body, 2));
+        assert_eq!(*back.plaintext, if i == 0 { text } else { "plain" });
     }
     assert!(leftovers(dir).is_empty());
 
@@ -169,7 +204,7 @@ fn rewrap_cli_10000_records_across_two_old_versions() {
     // 5,000 records under version 1 and 5,000 under version 2; every 50th also has a
     // precommit_body. Then version 3 becomes active.
     let mut records = Vec::new();
-    for (version, range) in [(1u64, 0..5000), (2, 5000..10_000)] {
+    for (version, range) in [(1u32, 0..5000), (2, 5000..10_000)] {
         if version == 2 {
             assert_eq!(rotate(&d), 2);
         }
@@ -200,7 +235,7 @@ fn rewrap_cli_10000_records_across_two_old_versions() {
     let input = dir.join("records.jsonl");
     std::fs::write(&input, records.join("\n") + "\n").unwrap();
     let output = dir.join("rewrapped.jsonl");
-    let run = |i: &Path, o: &Path| -> Value {
+    let run = |i: &Path, o: &Path| -> Summary {
         let out = d.cli(&[
             "--json",
             "rewrap",
@@ -216,7 +251,7 @@ fn rewrap_cli_10000_records_across_two_old_versions() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        summary_of(&out)
     };
 
     let started = Instant::now();
@@ -225,13 +260,13 @@ fn rewrap_cli_10000_records_across_two_old_versions() {
     eprintln!(
         "rewrap of 10,000 records: {took:?} ({:.0} records/s, {} requests)",
         10_000.0 / took.as_secs_f64(),
-        summary["requests"]
+        summary.requests
     );
-    assert_eq!(summary["records"], 10_000);
-    assert_eq!(summary["rewrapped"], 10_000);
-    assert_eq!(summary["already_current"], 0);
-    assert_eq!(summary["failed"], 0);
-    assert_eq!(summary["active_version"], 3);
+    assert_eq!(summary.records, 10_000);
+    assert_eq!(summary.rewrapped, 10_000);
+    assert_eq!(summary.already_current, 0);
+    assert_eq!(summary.failed, 0);
+    assert_eq!(summary.active_version, 3);
 
     // All at version 3; every other field, and the field order, as it was.
     let written = std::fs::read_to_string(&output).unwrap();
@@ -239,20 +274,21 @@ fn rewrap_cli_10000_records_across_two_old_versions() {
     assert_eq!(out_lines.len(), 10_000);
     let mut to_decrypt = Vec::new();
     for (old, new) in records.iter().zip(&out_lines) {
-        let (old, new): (Value, Value) = (
+        let (old_rec, new_rec): (RecordLine, RecordLine) = (
             serde_json::from_str(old).unwrap(),
             serde_json::from_str(new).unwrap(),
         );
-        assert_eq!(new["version"], 3);
-        let (mut o, mut n) = (
-            old.as_object().unwrap().clone(),
-            new.as_object().unwrap().clone(),
-        );
-        to_decrypt.push(json!({"ciphertext": n["body"], "version": 3}));
-        if !n["precommit_body"].is_null() {
-            to_decrypt.push(json!({"ciphertext": n["precommit_body"], "version": 3}));
+        assert_eq!(new_rec.version, 3);
+        to_decrypt.push(record(&new_rec.body, 3));
+        if let Some(pre) = &new_rec.precommit_body {
+            to_decrypt.push(record(pre, 3));
         }
-        assert_ne!(o["body"], n["body"]);
+        assert_ne!(old_rec.body, new_rec.body);
+        // Raw on purpose: every other field passes through as it was.
+        let (mut o, mut n): (Map<String, Value>, Map<String, Value>) = (
+            serde_json::from_str(old).unwrap(),
+            serde_json::from_str(new).unwrap(),
+        );
         for f in ["body", "precommit_body", "version"] {
             o.remove(f);
             n.remove(f);
@@ -265,8 +301,8 @@ fn rewrap_cli_10000_records_across_two_old_versions() {
     // The daemon decrypts every rewrapped record to its original plaintext.
     let mut plain = Vec::new();
     for chunk in to_decrypt.chunks(1000) {
-        for r in batch(&d, "decrypt", chunk.to_vec()) {
-            plain.push(r["plaintext"].as_str().unwrap().to_string());
+        for r in batch::<Decrypted>(&d, "decrypt", chunk.to_vec()) {
+            plain.push(plaintext_of(&r).unwrap().to_string());
         }
     }
     assert_eq!(plain.len(), 10_200);
@@ -280,13 +316,13 @@ fn rewrap_cli_10000_records_across_two_old_versions() {
     let ops: Vec<Value> = sample
         .iter()
         .map(|&i| {
-            let rec: Value = serde_json::from_str(out_lines[i]).unwrap();
-            json!(["decrypt", rec["body"], rec["version"]])
+            let rec: RecordLine = serde_json::from_str(out_lines[i]).unwrap();
+            json!(["decrypt", rec.body, rec.version])
         })
         .collect();
     for (&i, r) in sample.iter().zip(sdk_batch(&doc3, &ops)) {
         assert_eq!(
-            sdk_plaintext(&r),
+            r.plaintext(),
             format!("{{\"payload\":\"body of record {i}\"}}")
         );
     }
@@ -294,17 +330,17 @@ fn rewrap_cli_10000_records_across_two_old_versions() {
     // A second run on its own output changes nothing, also in place.
     let again = dir.join("again.jsonl");
     let summary = run(&output, &again);
-    assert_eq!(summary["rewrapped"], 0);
-    assert_eq!(summary["already_current"], 10_000);
-    assert_eq!(summary["requests"], 0);
+    assert_eq!(summary.rewrapped, 0);
+    assert_eq!(summary.already_current, 10_000);
+    assert_eq!(summary.requests, 0);
     assert_eq!(std::fs::read(&again).unwrap(), written.as_bytes());
     let summary = run(&again, &again);
-    assert_eq!(summary["rewrapped"], 0);
+    assert_eq!(summary.rewrapped, 0);
     assert_eq!(std::fs::read(&again).unwrap(), written.as_bytes());
     assert!(leftovers(dir).is_empty());
 
     // The counters: 10,200 record strings rewrapped into version 3.
-    assert_eq!(version_doc(&d, 3)["records_rewrapped"], 10_200);
-    assert_eq!(version_doc(&d, 1)["records_rewrapped_away"], 5_100);
-    assert_eq!(version_doc(&d, 2)["records_encrypted"], 5_100);
+    assert_eq!(d.version("prod", "DE", 3).records_rewrapped, 10_200);
+    assert_eq!(d.version("prod", "DE", 1).records_rewrapped_away, 5_100);
+    assert_eq!(d.version("prod", "DE", 2).records_encrypted, 5_100);
 }

@@ -5,22 +5,20 @@ use std::collections::HashSet;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use incountry_keyd::domain::Code;
+use incountry_keyd::proto::{Decrypted, Encrypted};
 use serde_json::{json, Value};
 
-use crate::{batch, daemon, healthy, ok, op, rotate, version_doc};
+use crate::{batch, code_of, daemon, healthy, ok, op, plaintext_of, record, rotate};
 
 #[test]
 fn bad_input_table_and_tampering() {
     let d = daemon();
     assert_eq!(d.create_managed("prod", "DE", 30).status, 201);
     let plain = "tamper with me";
-    let c1 = ok(&d, "encrypt", json!({ "plaintext": plain }));
-    let ct1 = c1["ciphertext"].as_str().unwrap().to_string();
+    let ct1 = ok::<Encrypted>(&d, "encrypt", json!({ "plaintext": plain })).ciphertext;
     assert_eq!(rotate(&d), 2);
-    let ct2 = ok(&d, "encrypt", json!({ "plaintext": plain }))["ciphertext"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let ct2 = ok::<Encrypted>(&d, "encrypt", json!({ "plaintext": plain })).ciphertext;
     let blob = STANDARD.decode(&ct1[2..]).unwrap();
     let flip = |byte: usize, bit: u8| {
         let mut b = blob.clone();
@@ -30,171 +28,176 @@ fn bad_input_table_and_tampering() {
     let big = "x".repeat(1024 * 1024);
 
     // (operation, body, status, code) — the documented answers.
-    let cases: Vec<(&str, String, u16, &str)> = vec![
+    let cases: Vec<(&str, String, u16, Code)> = vec![
         (
             "decrypt",
             json!({"ciphertext": flip(blob.len() - 1, 0), "version": 1}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "decrypt",
             json!({"ciphertext": flip(70, 3), "version": 1}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "rewrap",
             json!({"ciphertext": flip(80, 7), "version": 1}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "decrypt",
             json!({"ciphertext": ct2, "version": 1}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "rewrap",
             json!({"ciphertext": ct1, "version": 2}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "decrypt",
             json!({"ciphertext": ct1, "version": 99}).to_string(),
             404,
-            "version_not_found",
+            Code::VersionNotFound,
         ),
         (
             "rewrap",
             json!({"ciphertext": ct1, "version": 99}).to_string(),
             404,
-            "version_not_found",
+            Code::VersionNotFound,
         ),
         (
             "decrypt",
             json!({"ciphertext": &ct1[..ct1.len() - 3], "version": 1}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "decrypt",
             json!({"ciphertext": &ct1[..60], "version": 1}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "decrypt",
             json!({"ciphertext": "2:", "version": 1}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "decrypt",
             json!({"ciphertext": "2:***", "version": 1}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "decrypt",
             json!({"ciphertext": format!("1:{}", hex::encode(&blob)), "version": 1}).to_string(),
             400,
-            "unsupported_format",
+            Code::UnsupportedFormat,
         ),
         (
             "decrypt",
             json!({"ciphertext": format!("3{}", &ct1[1..]), "version": 1}).to_string(),
             400,
-            "unsupported_format",
+            Code::UnsupportedFormat,
         ),
         (
             "rewrap",
             json!({"ciphertext": &ct1[2..], "version": 1}).to_string(),
             400,
-            "unsupported_format",
+            Code::UnsupportedFormat,
         ),
         (
             "decrypt",
             json!({"ciphertext": "", "version": 1}).to_string(),
             400,
-            "unsupported_format",
+            Code::UnsupportedFormat,
         ),
         (
             "rewrap",
             json!({"ciphertext": "", "version": 1}).to_string(),
             400,
-            "unsupported_format",
+            Code::UnsupportedFormat,
         ),
         (
             "decrypt",
             json!({"ciphertext": "pt:***"}).to_string(),
             400,
-            "decryption_failed",
+            Code::DecryptionFailed,
         ),
         (
             "decrypt",
             json!({ "ciphertext": ct1 }).to_string(),
             400,
-            "missing_version",
+            Code::MissingVersion,
         ),
         (
             "decrypt",
             json!({"ciphertext": ct1, "version": "1"}).to_string(),
             400,
-            "invalid_request",
+            Code::InvalidRequest,
         ),
         (
             "decrypt",
             json!({"ciphertext": ct1, "version": -1}).to_string(),
             400,
-            "invalid_request",
+            Code::InvalidRequest,
         ),
         (
             "decrypt",
             json!({"ciphertext": ct1, "version": 1, "key": "x"}).to_string(),
             400,
-            "unknown_field",
+            Code::UnknownField,
         ),
         (
             "encrypt",
             json!({"plaintext": 42}).to_string(),
             400,
-            "invalid_request",
+            Code::InvalidRequest,
         ),
-        ("encrypt", json!({}).to_string(), 400, "invalid_request"),
-        ("encrypt", json!(["x"]).to_string(), 400, "invalid_request"),
-        ("encrypt", String::new(), 400, "invalid_request"),
+        ("encrypt", json!({}).to_string(), 400, Code::InvalidRequest),
+        (
+            "encrypt",
+            json!(["x"]).to_string(),
+            400,
+            Code::InvalidRequest,
+        ),
+        ("encrypt", String::new(), 400, Code::InvalidRequest),
         (
             "encrypt",
             "{\"plaintext\": \"x".into(),
             400,
-            "malformed_json",
+            Code::MalformedJson,
         ),
         (
             "encrypt",
             json!({ "plaintext": big }).to_string(),
             413,
-            "body_too_large",
+            Code::BodyTooLarge,
         ),
         (
             "encrypt",
             json!({"batch": vec![json!({"plaintext": "x"}); 1001]}).to_string(),
             400,
-            "batch_too_large",
+            Code::BatchTooLarge,
         ),
         (
             "encrypt",
             json!({"batch": {"plaintext": "x"}}).to_string(),
             400,
-            "invalid_request",
+            Code::InvalidRequest,
         ),
         (
             "encrypt",
             json!({"batch": [], "plaintext": "x"}).to_string(),
             400,
-            "unknown_field",
+            Code::UnknownField,
         ),
     ];
     let mut failed_messages = HashSet::new();
@@ -202,11 +205,11 @@ fn bad_input_table_and_tampering() {
         let r = d.request("POST", &format!("/v1/keys/prod/DE/{name}"), body);
         let shown: String = body.chars().take(80).collect();
         assert_eq!(r.status, *status, "{name} {shown}: {}", r.text());
-        assert_eq!(r.error_code(), *code, "{name} {shown}");
-        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
-        if *code == "decryption_failed" {
+        assert_eq!(r.code(), *code, "{name} {shown}");
+        let message = r.message();
+        if *code == Code::DecryptionFailed {
             failed_messages.insert(message);
-        } else if *code == "unsupported_format" {
+        } else if *code == Code::UnsupportedFormat {
             assert!(
                 message.contains("\"2:\"") && message.contains("\"pt:\""),
                 "{message}"
@@ -222,16 +225,16 @@ fn bad_input_table_and_tampering() {
     // The largest record (786,301 bytes of plaintext with the default server.max_body of
     // 1 MiB) encrypts, and decrypts even in a batch of one; one byte more is refused.
     let largest = "L".repeat(786_301);
-    let rec = ok(&d, "encrypt", json!({ "plaintext": largest }));
-    let back = batch(&d, "decrypt", vec![rec]);
-    assert_eq!(back[0]["plaintext"].as_str().map(str::len), Some(786_301));
+    let rec: Encrypted = ok(&d, "encrypt", json!({ "plaintext": largest }));
+    let back = batch::<Decrypted>(&d, "decrypt", vec![record(&rec.ciphertext, rec.version)]);
+    assert_eq!(plaintext_of(&back[0]).map(str::len), Some(786_301));
     let r = op(&d, "encrypt", json!({ "plaintext": format!("{largest}L") }));
-    assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"));
+    assert_eq!((r.status, r.code()), (413, Code::BodyTooLarge));
     assert!(r.text().contains("786301"), "{}", r.text());
 
     // Unknown key, wrong method.
     let r = d.post("/v1/keys/prod/FR/encrypt", json!({"plaintext": "x"}));
-    assert_eq!((r.status, r.error_code().as_str()), (404, "key_not_found"));
+    assert_eq!((r.status, r.code()), (404, Code::KeyNotFound));
     let r = d.get("/v1/keys/prod/DE/decrypt");
     assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
 
@@ -242,13 +245,16 @@ fn bad_input_table_and_tampering() {
         .flat_map(|byte| (0..8).map(move |bit| (byte, bit)))
         .map(|(byte, bit)| json!({"ciphertext": flip(byte, bit), "version": 1}))
         .collect();
-    for (i, r) in batch(&d, "decrypt", items).iter().enumerate() {
+    for (i, r) in batch::<Decrypted>(&d, "decrypt", items).iter().enumerate() {
         if i / 8 < 64 {
-            assert_eq!(r["plaintext"], plain, "salt bit {i}");
+            assert_eq!(plaintext_of(r), Some(plain), "salt bit {i}");
         } else {
-            assert_eq!(r["error"]["code"], "decryption_failed", "bit {i}: {r}");
-            assert_eq!(r["error"]["status"], 400);
-            assert_eq!(r["error"]["message"], message.as_str());
+            let e = r.as_ref().err();
+            assert_eq!(
+                e.map(|e| (e.code, e.status, e.message.as_str())),
+                Some((Code::DecryptionFailed, 400, message.as_str())),
+                "bit {i}"
+            );
         }
     }
     // And every bit (but the eighth) of every character of the record string.
@@ -262,13 +268,13 @@ fn bad_input_table_and_tampering() {
         .collect();
     let results = items
         .chunks(1000)
-        .flat_map(|chunk| batch(&d, "decrypt", chunk.to_vec()));
+        .flat_map(|chunk| batch::<Decrypted>(&d, "decrypt", chunk.to_vec()));
     for r in results {
-        let code = r["error"]["code"].as_str();
+        let code = code_of(&r);
         assert!(
-            r["plaintext"] == plain
-                || matches!(code, Some("decryption_failed" | "unsupported_format")),
-            "{r}"
+            plaintext_of(&r) == Some(plain)
+                || matches!(code, Some(Code::DecryptionFailed | Code::UnsupportedFormat)),
+            "{code:?}, or another plaintext"
         );
     }
     healthy(&d);
@@ -279,8 +285,8 @@ fn bad_input_table_and_tampering() {
 fn a_field_twice_is_refused() {
     let d = daemon();
     assert_eq!(d.create_managed("prod", "DE", 30).status, 201);
-    let ct = ok(&d, "encrypt", json!({"plaintext": "a"}));
-    let ciphertext = ct["ciphertext"].as_str().unwrap();
+    let ct: Encrypted = ok(&d, "encrypt", json!({"plaintext": "a"}));
+    let ciphertext = ct.ciphertext.as_str();
     let path = |op: &str| format!("/v1/keys/prod/DE/{op}");
     let cases = [
         (
@@ -307,16 +313,11 @@ fn a_field_twice_is_refused() {
     for (op, body) in &cases {
         let r = d.request("POST", &path(op), body);
         assert_eq!(r.status, 400, "{op} {body}: {}", r.text());
-        assert_eq!(
-            r.error_code(),
-            "duplicate_field",
-            "{op} {body}: {}",
-            r.text()
-        );
+        assert_eq!(r.code(), Code::DuplicateField, "{op} {body}: {}", r.text());
         assert!(!r.text().contains(ciphertext), "{}", r.text());
     }
     // Nothing was encrypted by the refused requests.
-    assert_eq!(version_doc(&d, 1)["records_encrypted"], 1);
+    assert_eq!(d.version("prod", "DE", 1).records_encrypted, 1);
     // The admin routes' bodies refuse a field twice with the same code.
     for (method, p, body) in [
         (
@@ -332,12 +333,7 @@ fn a_field_twice_is_refused() {
     ] {
         let r = d.request(method, p, body);
         assert_eq!(r.status, 400, "{method} {p}: {}", r.text());
-        assert_eq!(
-            r.error_code(),
-            "duplicate_field",
-            "{method} {p}: {}",
-            r.text()
-        );
+        assert_eq!(r.code(), Code::DuplicateField, "{method} {p}: {}", r.text());
     }
     assert_eq!(d.get("/v1/keys/prod/FR").status, 404);
 }

@@ -2,9 +2,11 @@
 //! clean stop, at most a block ahead after a crash) and limited.
 
 use harness::Daemon;
+use incountry_keyd::domain::Code;
+use incountry_keyd::proto::{Decrypted, Encrypted, Rewrapped};
 use serde_json::json;
 
-use crate::{batch, daemon, encrypt_all, ok, op, rotate};
+use crate::{batch, daemon, encrypt_all, ok, op, record, rotate};
 
 /// The stored count of encryptions under `version` of prod/DE.
 fn stored_encryptions(d: &Daemon, version: u32) -> u64 {
@@ -23,15 +25,16 @@ fn encryptions_are_counted_durably_and_limited_per_version() {
     const BLOCK: u64 = 1 << 16;
     let mut d = daemon();
     assert_eq!(d.create_managed("prod", "DE", 30).status, 201);
-    let first = ok(&d, "encrypt", json!({"plaintext": "one"}));
+    let first: Encrypted = ok(&d, "encrypt", json!({"plaintext": "one"}));
+    let first = record(&first.ciphertext, first.version);
     let texts: Vec<String> = (0..5).map(|i| format!("record {i}")).collect();
     encrypt_all(&d, &texts);
     // Reserved ahead in the state while running: never behind what was made.
     let reserved = stored_encryptions(&d, 1);
     assert!((6..=6 + BLOCK).contains(&reserved), "{reserved}");
     assert_eq!(rotate(&d), 2);
-    let r = ok(&d, "rewrap", first.clone());
-    assert_eq!(r["rewrapped"], true);
+    let r: Rewrapped = ok(&d, "rewrap", first.clone());
+    assert!(r.rewrapped);
     // A clean stop stores the exact counts.
     assert!(d.stop().success());
     assert_eq!(stored_encryptions(&d, 1), 6);
@@ -39,7 +42,7 @@ fn encryptions_are_counted_durably_and_limited_per_version() {
 
     // A crash: the stored count is ahead of what was made, by at most a block.
     let mut d = d.launch();
-    ok(&d, "encrypt", json!({"plaintext": "two"}));
+    ok::<Encrypted>(&d, "encrypt", json!({"plaintext": "two"}));
     d.signal("KILL");
     d.stop();
     let after_crash = stored_encryptions(&d, 2);
@@ -55,18 +58,19 @@ fn encryptions_are_counted_durably_and_limited_per_version() {
     drop(db);
     let d = d.launch();
     let items = vec![json!({"plaintext": "a"}); 3];
-    let results = batch(&d, "encrypt", items);
-    assert_eq!(results[0]["version"], 2);
-    assert_eq!(results[1]["version"], 2);
+    let results = batch::<Encrypted>(&d, "encrypt", items);
+    assert_eq!(results[0].as_ref().map(|e| e.version), Ok(2), "{results:?}");
+    assert_eq!(results[1].as_ref().map(|e| e.version), Ok(2), "{results:?}");
+    let refused = results[2].as_ref().unwrap_err();
     assert_eq!(
-        results[2]["error"]["code"], "encryption_limit",
+        (refused.code, refused.status),
+        (Code::EncryptionLimit, 409),
         "{results:?}"
     );
-    assert_eq!(results[2]["error"]["status"], 409);
     let r = op(&d, "encrypt", json!({"plaintext": "b"}));
     assert_eq!(r.status, 409, "{}", r.text());
-    assert_eq!(r.error_code(), "encryption_limit");
-    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert_eq!(r.code(), Code::EncryptionLimit);
+    let msg = r.message();
     assert!(
         msg.contains("prod/DE version 2") && msg.contains("rotate"),
         "{msg}"
@@ -74,12 +78,13 @@ fn encryptions_are_counted_durably_and_limited_per_version() {
     // Rewrap into the spent version is refused too; decryption goes on.
     let r = op(&d, "rewrap", first.clone());
     assert_eq!(r.status, 409, "{}", r.text());
-    let back = ok(&d, "decrypt", results[0].clone());
-    assert_eq!(back["plaintext"], "a");
+    let a = results[0].as_ref().unwrap();
+    let back: Decrypted = ok(&d, "decrypt", record(&a.ciphertext, a.version));
+    assert_eq!(*back.plaintext, "a");
     // A new version encrypts again.
     assert_eq!(rotate(&d), 3);
-    let r = ok(&d, "encrypt", json!({"plaintext": "c"}));
-    assert_eq!(r["version"], 3);
+    let r: Encrypted = ok(&d, "encrypt", json!({"plaintext": "c"}));
+    assert_eq!(r.version, 3);
     let mut d = d;
     assert!(d.stop().success());
     assert_eq!(stored_encryptions(&d, 2), LIMIT);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use harness::{bin, Daemon, Options};
+use incountry_keyd::proto::Condition;
 
 /// Copies the token's user PIN into a credentials directory as systemd's LoadCredential=
 /// does (file `hsm-pin`, mode 0400), and drops `pin_file` from the config.
@@ -56,8 +57,8 @@ fn pin_from_credentials_directory() {
         "{said}"
     );
     let d = d.launch();
-    let h = d.get("/v1/health").json();
-    assert_eq!(h["hsm"], "ok", "{h}");
+    let h = d.health();
+    assert_eq!(h.hsm, Condition::Ok, "{h:?}");
     assert_eq!(d.create_managed("prod", "SE", 30).status, 201);
     let pin = std::fs::read_to_string(creds.join("hsm-pin")).unwrap();
     assert!(!d.log_text().contains(pin.trim()), "the PIN is in the log");

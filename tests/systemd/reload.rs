@@ -56,7 +56,7 @@ fn reload_applies_readers_and_keeps_old_config_on_error() {
         );
         assert!(nobody_can_list(&d), "{why}: old reader list lost");
         assert_eq!(d.get("/v1/health").status, 200);
-        assert_eq!(d.secrets("prod", "FR")["currentVersion"], 1);
+        assert_eq!(d.secrets("prod", "FR").current_version, 1);
     }
     let log = d.log_text();
     assert!(log.contains("reload refused, keeping the running configuration"));

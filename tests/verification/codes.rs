@@ -3,6 +3,7 @@
 
 use harness::totp::{bootstrap, oathtool, unix_now};
 use harness::{needs_test_clock, request, Daemon};
+use incountry_keyd::domain::{Code, VerificationMode};
 use serde_json::json;
 
 use crate::{audit_details, create, enrolled_daemon, next_code, totp_daemon, with_code, wrong};
@@ -11,18 +12,15 @@ use crate::{audit_details, create, enrolled_daemon, next_code, totp_daemon, with
 fn codes_from_oathtool_missing_wrong_replayed() {
     needs_test_clock!();
     let d = totp_daemon();
-    assert_eq!(d.get("/v1/health").json()["verification"], "totp");
+    assert_eq!(d.health().verification, VerificationMode::Totp);
 
     // Not enrolled: no change, and the error names the command to run.
     let r = create(&d, "DE", None);
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "verification_required")
-    );
+    assert_eq!((r.status, r.code()), (401, Code::VerificationRequired));
     let r = create(&d, "DE", Some("123456"));
     assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "totp_not_enrolled"),
+        (r.status, r.code()),
+        (401, Code::TotpNotEnrolled),
         "{}",
         r.text()
     );
@@ -36,10 +34,7 @@ fn codes_from_oathtool_missing_wrong_replayed() {
     assert_eq!(r.status, 201, "{}", r.text());
 
     let r = d.rotate("prod", "DE");
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "verification_required")
-    );
+    assert_eq!((r.status, r.code()), (401, Code::VerificationRequired));
     let code = next_code(&d, &secret);
     let r = with_code(
         &d,
@@ -48,18 +43,12 @@ fn codes_from_oathtool_missing_wrong_replayed() {
         json!({}),
         &wrong(&code),
     );
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "verification_failed")
-    );
+    assert_eq!((r.status, r.code()), (401, Code::VerificationFailed));
     let settings = json!({"rotation_period_days": 60});
     let r = with_code(&d, "PATCH", "/v1/keys/prod/DE", settings.clone(), &code);
     assert_eq!(r.status, 200, "{}", r.text());
     let r = with_code(&d, "PATCH", "/v1/keys/prod/DE", settings.clone(), &code);
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "verification_replayed")
-    );
+    assert_eq!((r.status, r.code()), (401, Code::VerificationReplayed));
 
     // Read-only calls need no code.
     assert_eq!(d.get("/v1/keys/prod/DE/secrets").status, 200);
@@ -99,12 +88,12 @@ fn lockout_after_five_wrong_codes() {
             json!({}),
             &wrong(&code),
         );
-        assert_eq!(r.error_code(), "verification_failed");
+        assert_eq!(r.code(), Code::VerificationFailed);
     }
     let r = with_code(&d, "POST", "/v1/keys/prod/FR/rotate", json!({}), &code);
     assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (429, "verification_locked"),
+        (r.status, r.code()),
+        (429, Code::VerificationLocked),
         "{}",
         r.text()
     );
@@ -160,14 +149,15 @@ fn parallel_wrong_codes_are_checked_five_times_and_the_lock_survives_a_restart()
             })
         })
         .collect();
-    let answers: Vec<(u16, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let answers: Vec<(u16, Option<Code>)> =
+        threads.into_iter().map(|t| t.join().unwrap()).collect();
     let failed = answers
         .iter()
-        .filter(|a| *a == &(401, "verification_failed".to_string()))
+        .filter(|a| **a == (401, Some(Code::VerificationFailed)))
         .count();
     let locked = answers
         .iter()
-        .filter(|a| *a == &(429, "verification_locked".to_string()))
+        .filter(|a| **a == (429, Some(Code::VerificationLocked)))
         .count();
     assert_eq!(failed + locked, GUESSES, "{answers:?}");
     assert!(
@@ -179,8 +169,8 @@ fn parallel_wrong_codes_are_checked_five_times_and_the_lock_survives_a_restart()
     let locked_out = |d: &Daemon, code: &str| {
         let r = with_code(d, "POST", "/v1/keys/prod/NL/rotate", json!({}), code);
         assert_eq!(
-            (r.status, r.error_code().as_str()),
-            (429, "verification_locked"),
+            (r.status, r.code()),
+            (429, Code::VerificationLocked),
             "{}",
             r.text()
         );

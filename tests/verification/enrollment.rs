@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 
 use harness::totp::{bootstrap, bootstrap_command, oathtool, type_back};
 use harness::{bin, needs_test_clock, Daemon, Options};
+use incountry_keyd::domain::Code;
 use serde_json::json;
 
 use crate::{
@@ -18,10 +19,7 @@ fn reenrollment_needs_code_and_reset_needs_stopped_daemon() {
 
     // Replacing the secret needs a valid code from the current one.
     let r = d.post("/v1/admin/totp/enroll", json!({}));
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "verification_required")
-    );
+    assert_eq!((r.status, r.code()), (401, Code::VerificationRequired));
     let code = next_code(&d, &secret);
     let r = with_code(
         &d,
@@ -30,10 +28,7 @@ fn reenrollment_needs_code_and_reset_needs_stopped_daemon() {
         json!({}),
         &wrong(&code),
     );
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "verification_failed")
-    );
+    assert_eq!((r.status, r.code()), (401, Code::VerificationFailed));
     let r = with_code(&d, "POST", "/v1/admin/totp/enroll", json!({}), &code);
     assert_eq!(r.status, 200, "{}", r.text());
 
@@ -82,8 +77,8 @@ fn reenrollment_needs_code_and_reset_needs_stopped_daemon() {
     // bootstrap enrolls the first admin.
     let r = d.post("/v1/admin/totp/enroll", json!({}));
     assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (409, "bootstrap_required"),
+        (r.status, r.code()),
+        (409, Code::BootstrapRequired),
         "{}",
         r.text()
     );
@@ -129,7 +124,7 @@ fn cli_enrollment_reads_the_code_typed_back() {
         .unwrap();
     let secret = type_back(child, |secret| oathtool(secret, d.advance(0)));
     let r = create(&d, "IT", Some(&next_code(&d, &old)));
-    assert_eq!(r.error_code(), "verification_failed", "{}", r.text());
+    assert_eq!(r.code(), Code::VerificationFailed, "{}", r.text());
     let r = create(&d, "IT", Some(&next_code(&d, &secret)));
     assert_eq!(r.status, 201, "{}", r.text());
 }
@@ -148,8 +143,8 @@ fn first_enrollment_needs_an_enrolled_admins_code_or_the_offline_bootstrap() {
     });
     let r = d.post("/v1/admin/totp/enroll", json!({}));
     assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (409, "bootstrap_required"),
+        (r.status, r.code()),
+        (409, Code::BootstrapRequired),
         "{}",
         r.text()
     );
@@ -175,8 +170,8 @@ fn first_enrollment_needs_an_enrolled_admins_code_or_the_offline_bootstrap() {
         |headers: &[(&str, &str)]| d.request_with("POST", "/v1/admin/totp/enroll", headers, b"{}");
     let r = enroll_with(&[]);
     assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "verification_required"),
+        (r.status, r.code()),
+        (401, Code::VerificationRequired),
         "{}",
         r.text()
     );
@@ -184,14 +179,19 @@ fn first_enrollment_needs_an_enrolled_admins_code_or_the_offline_bootstrap() {
     let code = next_code(&d, &other);
     let other_uid = OTHER.to_string();
     for (uid, code, status, error) in [
-        (other_uid.as_str(), wrong(&code), 401, "verification_failed"),
-        ("4242", code.clone(), 401, "verification_uid_not_admin"),
-        ("0", code.clone(), 401, "totp_not_enrolled"),
-        ("x", code.clone(), 400, "invalid_verification_uid"),
+        (
+            other_uid.as_str(),
+            wrong(&code),
+            401,
+            Code::VerificationFailed,
+        ),
+        ("4242", code.clone(), 401, Code::VerificationUidNotAdmin),
+        ("0", code.clone(), 401, Code::TotpNotEnrolled),
+        ("x", code.clone(), 400, Code::InvalidVerificationUid),
     ] {
         let r = enroll_with(&[("X-Verification-Uid", uid), ("X-Verification-Code", &code)]);
         assert_eq!(
-            (r.status, r.error_code().as_str()),
+            (r.status, r.code()),
             (status, error),
             "X-Verification-Uid {uid}: {}",
             r.text()
@@ -218,8 +218,8 @@ fn first_enrollment_needs_an_enrolled_admins_code_or_the_offline_bootstrap() {
         ("X-Verification-Code", &next_code(&d, &other)),
     ]);
     assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "invalid_verification_uid"),
+        (r.status, r.code()),
+        (400, Code::InvalidVerificationUid),
         "{}",
         r.text()
     );
@@ -257,8 +257,8 @@ fn verification_off_enrolls_nothing() {
         b"{}",
     );
     assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (409, "verification_off"),
+        (r.status, r.code()),
+        (409, Code::VerificationOff),
         "{}",
         r.text()
     );

@@ -10,6 +10,7 @@ mod enrollment;
 
 use harness::totp::{bootstrap, oathtool};
 use harness::{Daemon, Options, Reply};
+use incountry_keyd::proto::Enrollment;
 use serde_json::{json, Value};
 
 fn totp_options() -> Options {
@@ -45,13 +46,9 @@ fn wrong(code: &str) -> String {
 /// Online enrollment of this process's uid; `headers` carry the proof it needs.
 fn enroll(d: &Daemon, headers: &[(&str, &str)]) -> String {
     let r = d.request_with("POST", "/v1/admin/totp/enroll", headers, b"{}");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let doc = r.json();
-    assert!(doc["otpauth_uri"]
-        .as_str()
-        .unwrap()
-        .starts_with("otpauth://totp/"));
-    let secret = doc["secret_base32"].as_str().unwrap().to_string();
+    let doc: Enrollment = r.ok(200);
+    assert!(doc.otpauth_uri.starts_with("otpauth://totp/"));
+    let secret = doc.secret_base32.to_string();
     let code = oathtool(&secret, d.advance(0));
     let r = d.post("/v1/admin/totp/confirm", json!({ "code": code }));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -75,18 +72,11 @@ fn create(d: &Daemon, country: &str, code: Option<&str>) -> Reply {
     }
 }
 
+/// Each audit entry as `ACTION OUTCOME DETAIL`.
 fn audit_details(d: &Daemon) -> Vec<String> {
-    d.get("/v1/audit?since=0").json()["entries"]
-        .as_array()
-        .unwrap()
+    d.audit(0)
+        .entries
         .iter()
-        .map(|e| {
-            format!(
-                "{} {} {}",
-                e["action"].as_str().unwrap(),
-                e["outcome"].as_str().unwrap(),
-                e["detail"].as_str().unwrap()
-            )
-        })
+        .map(|e| format!("{} {} {}", e.action, e.outcome.as_str(), e.detail))
         .collect()
 }

@@ -4,11 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use harness::{try_request, Daemon};
+use harness::{try_request, Daemon, Reply, Secrets};
+use incountry_keyd::domain::{Code, VersionStatus};
+use incountry_keyd::proto::{KeyDocument, KeyList};
 
 use crate::support::{audit_verify, secret_fingerprints};
 
-use super::{Change, Op, Outcome, COUNTRIES, ENV};
+use super::{Answer, Change, Op, Outcome, COUNTRIES, ENV};
 
 /// What the test knows about one key across all cycles.
 #[derive(Default)]
@@ -62,7 +64,7 @@ pub fn apply_ops(
     for op in ops {
         let k = keys.entry(op.country).or_default();
         match (&op.outcome, op.change) {
-            (Outcome::Acked(doc), Change::Read) => {
+            (Outcome::Acked(Answer::Secrets(doc)), Change::Read) => {
                 totals.acked_reads += 1;
                 for (v, fp) in secret_fingerprints(doc) {
                     k.durable.insert(v);
@@ -70,9 +72,9 @@ pub fn apply_ops(
                 }
                 k.must_exist = true;
             }
-            (Outcome::Acked(doc), Change::Create | Change::Rotate) => {
+            (Outcome::Acked(Answer::Added(added)), Change::Create | Change::Rotate) => {
                 totals.acked_changes += 1;
-                let v = doc["version"].as_u64().expect("version in answer") as u32;
+                let v = added.version;
                 if let Some(&max) = k.durable.last() {
                     assert!(
                         v > max,
@@ -86,14 +88,18 @@ pub fn apply_ops(
                     k.periods = BTreeSet::from([30]);
                 }
             }
-            (Outcome::Acked(doc), Change::Settings(days)) => {
+            (Outcome::Acked(Answer::Settings(doc)), Change::Settings(days)) => {
                 totals.acked_changes += 1;
                 assert_eq!(
-                    doc["rotation_period_days"], days,
+                    doc.rotation_period_days,
+                    Some(days),
                     "settings answer for {ENV}/{}",
                     op.country
                 );
                 k.periods = BTreeSet::from([days]);
+            }
+            (Outcome::Acked(answer), change) => {
+                unreachable!("{change:?} answered as another change: {answer:?}")
             }
             (Outcome::Lost(why), change) => {
                 totals.lost += 1;
@@ -116,9 +122,9 @@ pub fn apply_ops(
                     Change::Rotate | Change::Read => {}
                 }
             }
-            (Outcome::Refused(status, text), change) => {
+            (Outcome::Refused(status, code, text), change) => {
                 // Only "no such key yet" is expected, and only for keys never seen.
-                let not_found = *status == 404 && text.contains("key_not_found");
+                let not_found = *status == 404 && *code == Some(Code::KeyNotFound);
                 assert!(
                     not_found && !k.must_exist && !matches!(change, Change::Create),
                     "{change:?} {ENV}/{} refused: {status} {text}",
@@ -137,11 +143,11 @@ pub fn check_state(
     fps: &mut Fingerprints,
     totals: &mut Totals,
 ) {
-    let get = |path: &str| {
+    let get = |path: &str| -> Reply {
         let a = try_request(&d.socket, "GET", path, &[], b"", Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
         assert_eq!(a.status, 200, "GET {path}: {}", a.text());
-        a.json()
+        a
     };
 
     // The audit chain, read from the state (read-only) while the daemon runs.
@@ -158,14 +164,13 @@ pub fn check_state(
     );
     totals.audit_entries = count;
 
-    let list = get("/v1/keys");
-    let present: BTreeSet<String> = list["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
+    let list: KeyList = get("/v1/keys").read();
+    let present: BTreeSet<String> = list
+        .keys
+        .into_iter()
         .map(|k| {
-            assert_eq!(k["environment"], ENV, "unexpected key {k}");
-            k["country"].as_str().unwrap().to_string()
+            assert_eq!(k.environment, ENV, "unexpected key {k:?}");
+            k.country
         })
         .collect();
     for &country in &COUNTRIES {
@@ -181,17 +186,17 @@ pub fn check_state(
             !k.periods.is_empty(),
             "{ENV}/{country} exists but no create for it was ever sent"
         );
-        let doc = get(&format!("/v1/keys/{ENV}/{country}"));
-        let versions: Vec<u32> = doc["versions"]
-            .as_array()
-            .unwrap()
+        let doc: KeyDocument = get(&format!("/v1/keys/{ENV}/{country}")).read();
+        let versions: Vec<u32> = doc
+            .versions
             .iter()
             .map(|v| {
                 assert_ne!(
-                    v["status"], "unavailable",
-                    "{ENV}/{country} after a restart: {v}"
+                    v.status,
+                    VersionStatus::Unavailable,
+                    "{ENV}/{country} after a restart: {v:?}"
                 );
-                v["version"].as_u64().unwrap() as u32
+                v.version
             })
             .collect();
         let n = versions.len() as u32;
@@ -206,8 +211,10 @@ pub fn check_state(
             "{ENV}/{country}: versions {missing:?} were acknowledged or served, but the key \
              has only 1..={n} after a restart"
         );
-        assert_eq!(doc["active_version"], n);
-        let period = doc["rotation_period_days"].as_u64().unwrap() as u32;
+        assert_eq!(doc.active_version, Some(n));
+        let period = doc
+            .rotation_period_days
+            .unwrap_or_else(|| panic!("{ENV}/{country} without a rotation period"));
         assert!(
             k.periods.contains(&period),
             "{ENV}/{country} has rotation_period_days {period}; possible after the acknowledged \
@@ -215,8 +222,8 @@ pub fn check_state(
             k.periods
         );
 
-        let secrets = get(&format!("/v1/keys/{ENV}/{country}/secrets"));
-        assert_eq!(secrets["currentVersion"], n);
+        let secrets = Secrets::parse(get(&format!("/v1/keys/{ENV}/{country}/secrets")).body);
+        assert_eq!(secrets.current_version, n);
         let served = secret_fingerprints(&secrets);
         assert_eq!(
             served.iter().map(|(v, _)| *v).collect::<Vec<_>>(),

@@ -6,9 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use incountry_keyd::proto::{
+    AuditPage, ClockAnswer, HealthDocument, KeyDocument, KeyList, VersionAdded, VersionDocument,
+};
 use serde_json::{json, Value};
 
-use crate::{bin, repo, request, try_request, wait_until, Reply, MODULE, NEEDS_TEST_CLOCK};
+use crate::{
+    bin, repo, request, try_request, wait_until, Reply, Secrets, MODULE, NEEDS_TEST_CLOCK,
+};
 
 /// A token directory made by softhsm/make-token.sh.
 pub struct Token {
@@ -359,18 +364,55 @@ impl Daemon {
         self.request("POST", &format!("/v1/keys/{env}/{country}/rotate"), "")
     }
 
-    /// The key's secrets document (must be served).
-    pub fn secrets(&self, env: &str, country: &str) -> Value {
-        self.get(&format!("/v1/keys/{env}/{country}/secrets"))
-            .ok(200)
+    /// Creates a managed key (or adds a managed version to it), which must succeed.
+    pub fn create_key(&self, env: &str, country: &str, days: u32) -> VersionAdded {
+        self.create_managed(env, country, days).ok(201)
+    }
+
+    /// Rotates a key, which must succeed.
+    pub fn rotate_key(&self, env: &str, country: &str) -> VersionAdded {
+        self.rotate(env, country).ok(201)
+    }
+
+    /// `GET /v1/keys`.
+    pub fn keys(&self) -> KeyList {
+        self.get("/v1/keys").ok(200)
+    }
+
+    /// `GET /v1/keys/{env}/{country}` (the key must exist).
+    pub fn key(&self, env: &str, country: &str) -> KeyDocument {
+        self.get(&format!("/v1/keys/{env}/{country}")).ok(200)
     }
 
     /// The key's versions, oldest first.
-    pub fn versions(&self, env: &str, country: &str) -> Vec<Value> {
-        self.get(&format!("/v1/keys/{env}/{country}")).json()["versions"]
-            .as_array()
-            .unwrap()
-            .clone()
+    pub fn versions(&self, env: &str, country: &str) -> Vec<VersionDocument> {
+        self.key(env, country).versions
+    }
+
+    /// One version of the key (it must have it).
+    pub fn version(&self, env: &str, country: &str, version: u32) -> VersionDocument {
+        let key = self.key(env, country);
+        key.versions
+            .into_iter()
+            .find(|v| v.version == version)
+            .unwrap_or_else(|| panic!("{env}/{country} has no version {version}"))
+    }
+
+    /// The key's secrets document (must be served).
+    pub fn secrets(&self, env: &str, country: &str) -> Secrets {
+        let r = self.get(&format!("/v1/keys/{env}/{country}/secrets"));
+        r.assert_status(200);
+        Secrets::parse(r.body)
+    }
+
+    /// `GET /v1/health` as a reader (the tests run as root, an admin): the whole document.
+    pub fn health(&self) -> HealthDocument {
+        self.get("/v1/health").ok(200)
+    }
+
+    /// `GET /v1/audit?since=SEQ` (as an admin).
+    pub fn audit(&self, since: i64) -> AuditPage {
+        self.get(&format!("/v1/audit?since={since}")).ok(200)
     }
 
     /// Moves the daemon's test clock forward by `seconds` (0: only reads it); returns the
@@ -378,17 +420,17 @@ impl Daemon {
     pub fn advance(&self, seconds: i64) -> i64 {
         let r = self.post("/v1/test/clock", json!({ "advance_seconds": seconds }));
         assert_ne!(r.status, 404, "{NEEDS_TEST_CLOCK}");
-        r.ok(200)["unix"].as_i64().unwrap()
+        r.ok::<ClockAnswer>(200).unix
     }
 
     /// Moves the clock and waits until the rotator has run a pass at the new time.
     pub fn advance_and_settle(&self, seconds: i64) {
         let now = incountry_keyd::domain::clock::rfc3339(self.advance(seconds));
         wait_until("a rotator pass after the clock moved", 10, || {
-            let h = self.get("/v1/health").json();
-            h["rotation"]["last_check"]
-                .as_str()
-                .is_some_and(|t| t >= now.as_str())
+            self.health()
+                .rotation
+                .last_check
+                .is_some_and(|t| t.as_str() >= now.as_str())
         });
     }
 }

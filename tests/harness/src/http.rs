@@ -1,11 +1,16 @@
 //! HTTP to the daemon through the crate's own client (`cli::client::Client`), one request per
 //! connection, for synchronous tests. Every request of the tests goes through
-//! `try_request`; answers are read as `serde_json::Value`.
+//! `try_request`; answers are read through the wire protocol's types (`Reply::ok`,
+//! `Reply::read`, `Reply::error`), or as `serde_json::Value` (`Reply::json`) by the tests
+//! that look at a document's raw shape on purpose.
 
 use std::path::Path;
 use std::time::Duration;
 
 use incountry_keyd::cli::client::{self, Client};
+use incountry_keyd::domain::Code;
+use incountry_keyd::proto::ErrorDocument;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// How long `request` waits for an answer (long polls wait up to 300 s).
@@ -42,21 +47,59 @@ impl Reply {
             .map(|(_, v)| v.as_str())
     }
 
-    /// `error.code` of an error document; empty for any other body.
-    pub fn error_code(&self) -> String {
-        self.try_json()
-            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
-            .unwrap_or_default()
+    /// The body as a wire type (`proto::KeyDocument`, `proto::Encrypted`, ...); fails the
+    /// test, showing the status and body, when it does not read as one.
+    pub fn read<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body does not read as {}: {e}: {}",
+                self.status,
+                std::any::type_name::<T>(),
+                self.text()
+            )
+        })
+    }
+
+    /// Asserts the status; returns the body as a wire type (`Value` for a raw look).
+    pub fn ok<T: DeserializeOwned>(&self, status: u16) -> T {
+        self.assert_status(status);
+        self.read()
+    }
+
+    /// Asserts the status, showing the body when it differs.
+    pub fn assert_status(&self, status: u16) -> &Reply {
+        assert_eq!(self.status, status, "{}", self.text());
+        self
+    }
+
+    /// The error document; fails the test when the body is not one.
+    pub fn error(&self) -> ErrorDocument {
+        self.read()
+    }
+
+    /// The error document, when the body is one.
+    pub fn try_error(&self) -> Option<ErrorDocument> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// `error.code` of the error document; fails the test when the body is not one.
+    pub fn code(&self) -> Code {
+        self.error().error.code
+    }
+
+    /// `error.code`, when the body is an error document (for property tests, which report
+    /// a mismatch rather than panic).
+    pub fn error_code(&self) -> Option<Code> {
+        self.try_error().map(|e| e.error.code)
+    }
+
+    /// `error.message` of the error document; fails the test when the body is not one.
+    pub fn message(&self) -> String {
+        self.error().error.message
     }
 
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// Asserts the status; returns the JSON body.
-    pub fn ok(&self, status: u16) -> Value {
-        assert_eq!(self.status, status, "{}", self.text());
-        self.json()
     }
 }
 
@@ -144,8 +187,10 @@ pub fn try_request(
             raw.push_str("\r\n");
             let mut bytes = raw.into_bytes();
             bytes.extend_from_slice(body.as_deref().unwrap_or_default());
-            crate::raw::parse(&crate::raw::exchange(socket, &bytes, timeout))
-                .map_err(|p| format!("{e}; read raw: {p}"))
+            // No daemon to ask again (killed by the test): the failed write is the answer.
+            let raw = crate::raw::try_exchange(socket, &bytes, timeout)
+                .map_err(|c| format!("{e}; read raw: connect: {c}"))?;
+            crate::raw::parse(&raw).map_err(|p| format!("{e}; read raw: {p}"))
         }
         other => other,
     }

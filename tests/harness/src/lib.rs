@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 pub use daemon::{Daemon, Options, Token};
 pub use http::{request, try_request, Reply, TIMEOUT};
 pub use postgres::Postgres;
-pub use sdk::{moto_python, sdk, sdk_python};
+pub use sdk::{moto_python, sdk, sdk_python, Secrets};
 
 pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 

@@ -5,7 +5,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 use crate::{moto_python, repo};
 
@@ -68,8 +69,29 @@ impl Drop for Moto {
     }
 }
 
-/// Runs tests/aws/kms_tool.py; returns what it printed (JSON).
-pub fn kms_tool(args: &[&str]) -> Value {
+/// What `kms_tool.py setup URL` prints: an IAM user's access key, two CMKs, and a 32-byte
+/// and a 16-byte data key under the first.
+#[derive(Deserialize)]
+pub struct KmsSetup {
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub cmk_a: String,
+    pub cmk_b: String,
+    pub key32: DataKey,
+    pub key16: DataKey,
+}
+
+/// A data key KMS generated: its ciphertext blob and its plaintext, both base64.
+#[derive(Deserialize)]
+pub struct DataKey {
+    pub blob: String,
+    pub plaintext: String,
+}
+
+/// Runs tests/aws/kms_tool.py; returns what it printed (JSON), read as `T`
+/// (`serde::de::IgnoredAny` when nothing of it is needed).
+pub fn kms_tool<T: DeserializeOwned>(args: &[&str]) -> T {
     let out = Command::new(moto_python())
         .arg(repo().join("tests/aws/kms_tool.py"))
         .args(args)
@@ -81,5 +103,11 @@ pub fn kms_tool(args: &[&str]) -> Value {
         args[0],
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "kms_tool {:?} printed: {e}: {}",
+            args[0],
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }

@@ -13,13 +13,19 @@ use crate::Reply;
 /// passes without a byte). Write errors are ignored: the daemon may answer and close before
 /// it has read everything.
 pub fn exchange(socket: &Path, bytes: &[u8], timeout: Duration) -> Vec<u8> {
-    let mut s = UnixStream::connect(socket).expect("connect to the daemon");
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s.set_write_timeout(Some(timeout)).unwrap();
+    try_exchange(socket, bytes, timeout).expect("connect to the daemon")
+}
+
+/// `exchange`, with `Err` when the daemon cannot be reached (not running: a test that kills
+/// it).
+pub fn try_exchange(socket: &Path, bytes: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     let _ = s.write_all(bytes);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    raw
+    Ok(raw)
 }
 
 /// Where the body starts, the status and the headers.
