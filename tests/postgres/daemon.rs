@@ -57,18 +57,7 @@ fn the_daemon_on_postgres_keeps_its_keys_across_a_restart_and_verifies() {
     assert!(text.contains("no HSM anchor"), "{text}");
 
     // A second node: the same database and the same HSM token (its own socket and config).
-    let second = Daemon::prepare(options());
-    second.use_postgres(&pg, &db);
-    let cfg = std::fs::read_to_string(&second.config).unwrap();
-    let cfg = cfg.replace(
-        &second.token.pin_file().display().to_string(),
-        &d.token.pin_file().display().to_string(),
-    );
-    std::fs::write(&second.config, cfg).unwrap();
-    let mut second = second;
-    second
-        .env
-        .push(("SOFTHSM2_CONF".into(), d.token.conf().into_os_string()));
+    let second = d.another_node(options(), &pg, &db);
     let second = second.launch();
     assert_eq!(second.secrets("prod", "DE"), before);
     // Both nodes create the same key at once: one wins, the other gets version_conflict,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::Daemon;
+use crate::{Daemon, Options};
 
 /// The unprivileged user the server runs as.
 const PG_UID: u32 = 65534;
@@ -382,5 +382,22 @@ impl Daemon {
             1,
         );
         std::fs::write(&self.config, cfg).unwrap();
+    }
+
+    /// Another node beside this one (prepared, not started): its own socket, config and
+    /// temp dir, but this node's database and HSM token (the same key objects, as with a
+    /// network HSM), as a cluster runs.
+    pub fn another_node(&self, opts: Options, pg: &Postgres, db: &str) -> Daemon {
+        let mut node = Daemon::prepare(opts);
+        node.use_postgres(pg, db);
+        let cfg = std::fs::read_to_string(&node.config).unwrap();
+        let cfg = cfg.replace(
+            &node.token.pin_file().display().to_string(),
+            &self.token.pin_file().display().to_string(),
+        );
+        std::fs::write(&node.config, cfg).unwrap();
+        node.env
+            .push(("SOFTHSM2_CONF".into(), self.token.conf().into_os_string()));
+        node
     }
 }
