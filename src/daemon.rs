@@ -146,6 +146,13 @@ async fn run(
         spawn_watchdog(app.clone(), interval);
     }
     spawn_status(app.clone());
+    // A shared state: other nodes' changes (returns at once on SQLite).
+    let following = app.clone();
+    tokio::spawn(async move {
+        let a = &following;
+        let reconcile = || a.config.load().cluster.reconcile_interval;
+        a.keyring.follow(reconcile, a.stopping.subscribe()).await
+    });
     let rotating = app.clone();
     tokio::spawn(async move {
         let a = &rotating;

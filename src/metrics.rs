@@ -1,6 +1,8 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text). Counters are updated where things
 //! happen; gauges about keys are read from the keyring snapshot at scrape time.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +42,9 @@ pub struct Metrics {
     unavailable: Gauge,
     next_rotation: Family<KeyLabels, Gauge>,
     waiters: Gauge,
+    /// A shared state's (registered by `register_propagation`).
+    propagation_delay: Gauge<f64, AtomicU64>,
+    last_reload: Gauge,
 }
 
 /// Counts one long-polling request while it lives.
@@ -122,6 +127,32 @@ impl Metrics {
             unavailable,
             next_rotation,
             waiters,
+            propagation_delay: Gauge::default(),
+            last_reload: Gauge::default(),
+        }
+    }
+
+    /// On a state other nodes write too: how their changes reach this node.
+    pub fn register_propagation(&mut self) {
+        self.registry.register(
+            "propagation_delay_seconds",
+            "From another node's commit to this node serving the change, for the last change learned from a notification",
+            self.propagation_delay.clone(),
+        );
+        self.registry.register(
+            "last_reload_timestamp_seconds",
+            "When this node last read the whole shared state (Unix time)",
+            self.last_reload.clone(),
+        );
+    }
+
+    /// The propagation figures as the keyring has them now.
+    pub fn set_propagation(&self, last_delay_ms: Option<u64>, last_reload: Option<i64>) {
+        if let Some(ms) = last_delay_ms {
+            self.propagation_delay.set(ms as f64 / 1000.0);
+        }
+        if let Some(t) = last_reload {
+            self.last_reload.set(t);
         }
     }
 

@@ -28,8 +28,12 @@ pub struct App {
 
 impl App {
     pub fn new(keyring: Keyring, config: Config, verifier: Verifier) -> anyhow::Result<App> {
+        let mut metrics = Metrics::new(keyring.hsm_error_counter());
+        if keyring.shared() {
+            metrics.register_propagation();
+        }
         Ok(App {
-            metrics: Metrics::new(keyring.hsm_error_counter()),
+            metrics,
             keyring,
             access: ArcSwap::from_pointee(config.access_policy()?),
             config: ArcSwap::from_pointee(config),

@@ -10,9 +10,11 @@ use hyper::{Response, StatusCode};
 use super::peer::Role;
 use super::response::{self, Body};
 use super::App;
+use crate::domain::clock::rfc3339;
 use crate::domain::{AwsStatus, VerificationMode};
 use crate::proto::{
-    BareHealth, Condition, Health, HealthDocument, HealthStatus, RotationFailure, RotationHealth,
+    BareHealth, Condition, Health, HealthDocument, HealthStatus, PropagationHealth,
+    RotationFailure, RotationHealth,
 };
 use crate::rotation::StatusView;
 
@@ -56,6 +58,10 @@ pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
             hsm_error,
             hsm_reconnects: app.keyring.hsm_status().reconnects,
             keys: snap.keys.len(),
+            propagation: app.keyring.propagation().map(|p| PropagationHealth {
+                last_delay_ms: p.last_delay_ms,
+                last_reload: p.last_reload.map(rfc3339),
+            }),
             rotation,
             state: condition(&state_error),
             state_error,
@@ -97,6 +103,9 @@ fn rotation_health(view: StatusView) -> RotationHealth {
 /// `GET /metrics`.
 pub(super) fn metrics(app: &App) -> Response<Body> {
     let now = app.keyring.now();
+    if let Some(p) = app.keyring.propagation() {
+        app.metrics.set_propagation(p.last_delay_ms, p.last_reload);
+    }
     let text = app.metrics.render(&app.keyring.snapshot(), now);
     let mut resp = response::bytes(StatusCode::OK, Bytes::from(text));
     resp.headers_mut().insert(

@@ -85,6 +85,11 @@ pub struct VersionState {
 }
 
 impl VersionState {
+    /// The same version (its key shared, not copied).
+    pub fn share(&self) -> VersionState {
+        share(self)
+    }
+
     pub fn key(&self) -> Option<&Arc<DataKey>> {
         match &self.availability {
             Availability::Ready(k) => Some(k),

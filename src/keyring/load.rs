@@ -8,18 +8,35 @@ use super::aws;
 use crate::domain::error::Result;
 use crate::domain::{Availability, DataKey, KeyId, KeyState, VersionState, VersionType};
 use crate::hsm::{HsmError, HsmWorker};
-use crate::store::StoredKey;
+use crate::store::{StoredKey, StoredVersion};
 
 /// Unwraps every version of a stored key in one HSM job.
 pub(super) async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeyState> {
-    let label = key.id.root_label();
-    let jobs: Vec<_> = key
-        .versions
+    let (problem, versions) = unwrap_versions(hsm, &key.id, key.versions).await?;
+    Ok(KeyState {
+        id: key.id,
+        rotation_period_days: key.rotation_period_days,
+        created: key.created,
+        unavailable_reason: problem,
+        versions,
+    })
+}
+
+/// Unwraps some versions of a key in one HSM job (at start all of them; when another node
+/// added versions, those). A root key the HSM lacks is said loudly and makes them
+/// unavailable (the problem is returned too); an HSM failure stops the load.
+pub(super) async fn unwrap_versions(
+    hsm: &HsmWorker,
+    id: &KeyId,
+    stored: Vec<StoredVersion>,
+) -> Result<(Option<String>, Vec<VersionState>)> {
+    let label = id.root_label();
+    let jobs: Vec<_> = stored
         .iter()
         .map(|v| {
             let aad = match v.kind {
-                VersionType::Managed => key.id.wrap_aad(v.version),
-                VersionType::Aws => key.id.aws_secret_aad(v.version),
+                VersionType::Managed => id.wrap_aad(v.version),
+                VersionType::Aws => id.aws_secret_aad(v.version),
             };
             (v.iv, aad, v.wrapped.clone())
         })
@@ -37,24 +54,20 @@ pub(super) async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeySta
         Ok(opened) => (None, opened),
         Err(e @ HsmError::RootKeyMissing(_)) | Err(e @ HsmError::DuplicateRootKey(..)) => {
             tracing::error!(
-                env = %key.id.env, country = %key.id.country,
-                "state has key {} but {e}: the key is unavailable (no new root key is made)",
-                key.id
+                env = %id.env, country = %id.country,
+                "state has key {id} but {e}: the key is unavailable (no new root key is made)"
             );
-            (Some(format!("{}: {e}", key.id)), Vec::new())
+            (Some(format!("{id}: {e}")), Vec::new())
         }
         Err(e) => return Err(e.into()),
     };
-    let mut versions = Vec::with_capacity(key.versions.len());
+    let mut versions = Vec::with_capacity(stored.len());
     let mut opened = opened.into_iter();
-    for v in key.versions {
+    for v in stored {
         let opened = opened.next();
         let (material, aws) = match v.aws {
-            Some(stored) => aws::load_version(&key.id, v.version, &problem, stored, opened)?,
-            None => (
-                managed_material(&key.id, v.version, &problem, opened)?,
-                None,
-            ),
+            Some(aws) => aws::load_version(id, v.version, &problem, aws, opened)?,
+            None => (managed_material(id, v.version, &problem, opened)?, None),
         };
         versions.push(VersionState {
             version: v.version,
@@ -65,13 +78,7 @@ pub(super) async fn unwrap_key(hsm: &HsmWorker, key: StoredKey) -> Result<KeySta
             aws,
         });
     }
-    Ok(KeyState {
-        id: key.id,
-        rotation_period_days: key.rotation_period_days,
-        created: key.created,
-        unavailable_reason: problem,
-        versions,
-    })
+    Ok((problem, versions))
 }
 
 /// A managed version's data key from its unwrap result; a failed tag check makes only this

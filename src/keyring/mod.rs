@@ -10,6 +10,7 @@ pub mod fixture;
 mod ledger;
 mod load;
 pub mod records;
+mod sync;
 #[cfg(test)]
 mod tests;
 mod versions;
@@ -17,6 +18,7 @@ mod versions;
 pub use aws::{AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
 pub use counters::{CounterValues, RecordCounters, RecordEvent};
 pub use records::{Items, Op, Recorded, Sealed};
+pub use sync::Propagation;
 pub use versions::{AddedVersion, KeySource, NewVersion};
 
 use std::collections::BTreeMap;
@@ -47,6 +49,8 @@ pub struct Keyring {
     kms: Arc<dyn KmsDecrypt>,
     /// Revalidation state of each aws version.
     aws_checks: std::sync::Mutex<aws::Checks>,
+    /// How changes from other nodes reach this one (a shared state).
+    propagation: std::sync::Mutex<Propagation>,
 }
 
 impl Keyring {
@@ -74,6 +78,7 @@ impl Keyring {
             keys.insert(state.id.clone(), Arc::new(state));
         }
         let (changes, _) = tokio::sync::watch::channel(0);
+        let loaded_at = clock.now().unix_timestamp();
         Ok(Keyring {
             current: ArcSwap::from_pointee(Snapshot { keys }),
             store,
@@ -84,6 +89,10 @@ impl Keyring {
             records: RecordCounters::default(),
             kms,
             aws_checks: std::sync::Mutex::new(aws::Checks::default()),
+            propagation: std::sync::Mutex::new(Propagation {
+                last_delay_ms: None,
+                last_reload: Some(loaded_at),
+            }),
         })
     }
 
@@ -143,6 +152,7 @@ impl Keyring {
     /// Changes a key's rotation period.
     pub async fn set_rotation_period(&self, id: &KeyId, days: u32, actor: &Actor) -> Result<()> {
         let _writer = self.writer.lock().await;
+        let _state = self.hold_state(id).await?;
         let key = self.key(id)?;
         let audit = AuditEntry::new(
             self.clock.now().unix_timestamp(),

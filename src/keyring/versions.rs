@@ -69,7 +69,7 @@ pub struct AddedVersion {
 
 impl Keyring {
     /// Creates a key (version 1) or adds a version to an existing one.
-    pub async fn add_version(&self, id: &KeyId, req: NewVersion) -> Result<AddedVersion> {
+    pub async fn add_version(&self, id: &KeyId, mut req: NewVersion) -> Result<AddedVersion> {
         // A customer-supplied key is decrypted with KMS before the writer lock is taken, so
         // that a slow KMS never holds up other changes; the limits are checked before (to
         // spare KMS a call that would be refused) and again under the lock.
@@ -80,7 +80,8 @@ impl Keyring {
             versions_per_day: req.versions_per_day,
             customer_supplied_versions: req.customer_supplied_versions,
         };
-        let aws = match req.source {
+        // The source is used up here (`kind` says which it was).
+        let mut aws = match std::mem::replace(&mut req.source, KeySource::Managed) {
             KeySource::Managed => None,
             KeySource::Aws(aws) => {
                 if let Some(key) = self.current.load().keys.get(id) {
@@ -92,6 +93,47 @@ impl Keyring {
         };
 
         let _writer = self.writer.lock().await;
+        let known = self.current.load().keys.contains_key(id);
+        // A shared state: this node changes it alone meanwhile, on the key as it is now.
+        let _state = self.hold_state(id).await?;
+        if !known && !req.existing_only && self.current.load().keys.contains_key(id) {
+            return Err(Error::conflict(
+                Code::VersionConflict,
+                format!("{id} was created meanwhile on another node: this node has it now; ask again to add a version"),
+            ));
+        }
+        let mut retried = false;
+        loop {
+            let made = self.add_locked(id, &req, kind, &limits, aws.take()).await;
+            match made {
+                // Another node moved the key (a node that does not take the state's lock):
+                // this node's view of it is renewed, and a rotation made again on it once.
+                Err(e) if e.code() == Code::VersionConflict && self.shared() => {
+                    self.reload_locked(id).await?;
+                    let again = kind == VersionType::Managed
+                        && known
+                        && req.expect_active.is_none()
+                        && !retried;
+                    if !again {
+                        return Err(e);
+                    }
+                    tracing::info!(env = %id.env, country = %id.country, "another node added a version first: trying again on the state as it is now");
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// `add_version` under the writer lock (and the state's lock, on a shared state).
+    async fn add_locked(
+        &self,
+        id: &KeyId,
+        req: &NewVersion,
+        kind: VersionType,
+        limits: &VersionLimits,
+        aws: Option<(AwsKeyRef, DataKey)>,
+    ) -> Result<AddedVersion> {
         let now = self.clock.now();
         let existing = self.current.load().keys.get(id).cloned();
         let (version, period) = match &existing {
@@ -118,11 +160,12 @@ impl Keyring {
             ));
         }
 
-        let root_made = match version == 1 && !self.store.anchored() {
-            true => self.make_root_once(id).await?,
-            false => false,
-        };
         let (key, iv, wrapped, root_created, stored_aws, aws_ref) = match aws {
+            None if kind == VersionType::Aws => {
+                return Err(Error::internal(format!(
+                    "{id}: an aws version without its decrypted key"
+                )))
+            }
             None => {
                 let (key, iv, wrapped, root_created) = self.make_managed(id, version).await?;
                 (key, iv, wrapped, root_created, None, None)
@@ -167,7 +210,7 @@ impl Keyring {
             id,
         )
         .await?;
-        if root_created || root_made {
+        if root_created {
             tracing::info!(env = %id.env, country = %id.country, "created root key in HSM");
         }
         if aws_ref.is_some() {
@@ -194,25 +237,6 @@ impl Keyring {
             created: rfc3339(now.unix_timestamp()),
             key_created: version == 1,
         })
-    }
-
-    /// A new key's root key on a shared state (several nodes, one HSM key set): made under
-    /// the state's exclusive lock, so that nodes creating the same key at once make one root
-    /// key, not two under one label (the node whose version loses gets `version_conflict`;
-    /// the root key is adopted). Whether this call made it.
-    async fn make_root_once(&self, id: &KeyId) -> Result<bool> {
-        let (store, hsm, label) = (self.store.clone(), self.hsm.clone(), id.root_label());
-        tokio::task::spawn_blocking(move || {
-            let mut made = false;
-            store.exclusive(&mut || {
-                let label = label.clone();
-                made = hsm.call_blocking(move |h| h.ensure_root_key(&label, true))?;
-                Ok(())
-            })?;
-            Ok(made)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("root key maker: {e}")))?
     }
 
     /// A fresh data key from the HSM RNG, written straight into its locked page (what

@@ -38,6 +38,10 @@ pub struct HealthDocument {
     pub hsm_error: Option<String>,
     pub hsm_reconnects: u64,
     pub keys: usize,
+    /// Only on a state other nodes write too (PostgreSQL): how their changes reach this
+    /// node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propagation: Option<PropagationHealth>,
     pub rotation: RotationHealth,
     pub state: Condition,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,6 +67,16 @@ pub enum HealthStatus {
 pub enum Condition {
     Ok,
     Unavailable,
+}
+
+/// How other nodes' changes reach this one (fields alphabetical: the wire order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PropagationHealth {
+    /// From another node's commit to this node serving the change, for the last change
+    /// learned from a notification (ms; `null` until one was).
+    pub last_delay_ms: Option<u64>,
+    /// RFC 3339: when the whole state was last read (start, a listener back, reconcile).
+    pub last_reload: Option<String>,
 }
 
 /// The rotation timer (fields alphabetical: the wire order).

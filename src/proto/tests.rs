@@ -206,6 +206,7 @@ fn health() {
         hsm_error: None,
         hsm_reconnects: 0,
         keys: 1,
+        propagation: None,
         rotation: RotationHealth {
             checks: 4,
             failing: vec![RotationFailure {
@@ -223,6 +224,19 @@ fn health() {
         verification: VerificationMode::Totp,
         versions: 3,
     };
+    // A node of a shared state says how other nodes' changes reach it.
+    let mut shared = doc.clone();
+    shared.propagation = Some(PropagationHealth {
+        last_delay_ms: Some(12),
+        last_reload: None,
+    });
+    let text = serde_json::to_string(&shared).unwrap();
+    assert!(
+        text.contains(
+            r#""keys":1,"propagation":{"last_delay_ms":12,"last_reload":null},"rotation""#
+        ),
+        "{text}"
+    );
     let full = Health::Full(Box::new(doc));
     same_bytes(
         &full,

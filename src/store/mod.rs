@@ -27,7 +27,8 @@ use crate::domain::KeyId;
 pub use postgres::{PgConnect, PgStore, CHANGES_CHANNEL};
 pub use sqlite::{SqliteStore, DB_FILE};
 pub use types::{
-    SealedCheck, StoredAws, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits,
+    ChangeFeed, SealedCheck, StateEvent, StoredAws, StoredAwsSeals, StoredKey, StoredTotp,
+    StoredVersion, TotpLimits,
 };
 
 /// Everything the daemon persists. Each method that changes the state is one transaction:
@@ -146,6 +147,14 @@ pub trait Store: Send + Sync + 'static {
     /// read-only) or of the database's server (connection lost, shut down); clears at the
     /// next operation that succeeds.
     fn unavailable(&self) -> Option<String>;
+
+    /// The changes other processes commit to this state, as they commit (PostgreSQL: LISTEN
+    /// on a connection of its own, made again when lost; while it is lost, `unavailable`
+    /// says so). `None` for a state no other process writes (SQLite). Starts following at
+    /// the call: call it once.
+    fn follow(&self) -> Option<ChangeFeed> {
+        None
+    }
 }
 
 /// How audit entries are sealed: installed by the keyring, which holds the HSM (the store

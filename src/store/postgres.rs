@@ -10,6 +10,7 @@
 mod audit_log;
 mod block;
 mod keys;
+mod listen;
 mod pool;
 mod schema;
 mod store_impl;
@@ -34,7 +35,8 @@ use crate::domain::Code;
 use block::block_on;
 use pool::{Lease, Pool, OP_TIMEOUT};
 
-/// The channel every committed change to a key is notified on, with `ENV/COUNTRY`.
+/// The channel every committed change to a key is notified on, with `ENV/COUNTRY` and the
+/// time it was sent (Unix ms, by the database's clock), space-separated.
 pub const CHANGES_CHANNEL: &str = "keyd_changes";
 /// `pg_advisory_lock` key of `Store::exclusive` ("keyd", then 2).
 const EXCLUSIVE_LOCK: i64 = 0x6b65_7964_0000_0002;
@@ -96,6 +98,8 @@ pub struct PgStore {
     /// Why the last operation failed for a reason of the database or the way to it (lost
     /// connection, shutdown, timeout); `None` once one succeeds.
     unavailable: Mutex<Option<String>>,
+    /// Why the change listener (`Store::follow`) is not following, while it is not.
+    following: listen::Down,
     seal: Mutex<Option<Arc<dyn AuditSeal>>>,
     /// Last: shut down after the pool's connections are dropped.
     runtime: Option<Runtime>,
@@ -182,6 +186,7 @@ impl PgStore {
             handle,
             read_only,
             unavailable: Mutex::new(None),
+            following: Arc::default(),
             seal: Mutex::new(None),
             runtime: Some(runtime),
         };
@@ -198,7 +203,9 @@ impl PgStore {
             done.unwrap_or_else(|_| Err(timed_out().into()))
         });
         drop(lease);
-        ready.context("cannot open the PostgreSQL state")?;
+        // Without the state there are no keys to serve (a node keeps no copy of its own):
+        // the daemon does not start, and systemd starts it again.
+        ready.context("cannot open the PostgreSQL state (postgres.url): is PostgreSQL up and reachable from this host?")?;
         Ok(store)
     }
 

@@ -84,3 +84,21 @@ pub(super) fn sealed_check(halves: (Option<Vec<u8>>, Option<Vec<u8>>)) -> Option
         }),
     }
 }
+
+/// What a state several processes write tells one of them about the others' changes
+/// (`Store::follow`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateEvent {
+    /// A key's rows changed (a version, its settings): read them again. `sent`: just before
+    /// the change committed, in Unix milliseconds by the database's clock (`None` when the
+    /// notification does not say).
+    Changed { key: KeyId, sent: Option<i64> },
+    /// Following (again, after `Lost`): changes committed meanwhile were not heard, so the
+    /// whole state is to be read again.
+    Following,
+    /// Not following: other processes' changes go unheard until `Following`.
+    Lost(String),
+}
+
+/// The events of `Store::follow`, in the order they happened.
+pub type ChangeFeed = tokio::sync::mpsc::UnboundedReceiver<StateEvent>;

@@ -73,8 +73,8 @@ fn the_daemon_on_postgres_keeps_its_keys_across_a_restart_and_verifies() {
         .collect();
     codes.sort_by_key(|(status, _)| *status);
     assert_eq!(codes, [(201, None), (409, Some(Code::VersionConflict))]);
-    // A change on the second node is in the shared state: the first sees it from its next
-    // start (before propagation, a later step).
+    // A change on the second node is in the shared state, and stays there across restarts
+    // (how it reaches the first node at once: `propagation`).
     assert_eq!(second.rotate("prod", "DE").status, 201);
     let d = d.restart();
     let second = second.restart();

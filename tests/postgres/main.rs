@@ -6,7 +6,11 @@
 //!   number (one wins), audit entries appended from two nodes at once (one chain), TOTP
 //!   failures, locks and used steps shared, nodes starting at once, an outage;
 //! - `tls`: verify-full over TCP (rustls), against a CA of the test's own;
-//! - `daemon`: the real daemon with `state.backend = "postgres"`.
+//! - `daemon`: the real daemon with `state.backend = "postgres"`;
+//! - `propagation`: three daemons: a change on one served by the others within a second,
+//!   long polls woken, two nodes racing 50 rotations each;
+//! - `outage`: PostgreSQL stopped and started under three daemons; the periodic reload;
+//! - `shared_limits`: verification codes and the daily limit across nodes.
 //!
 //! `store` and `nodes` use the crate's test doubles, built with the test-clock feature.
 
@@ -16,6 +20,9 @@ mod nodes;
 mod store;
 
 mod daemon;
+mod outage;
+mod propagation;
+mod shared_limits;
 mod tls;
 
 #[cfg(not(feature = "test-clock"))]

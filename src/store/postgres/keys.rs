@@ -1,7 +1,8 @@
 //! Keys and versions in PostgreSQL: loading, adding (the key's row locked, so that of two
 //! nodes adding the same number one commits and the other gets `version_conflict`), aws
 //! seals, encryption counts, rotation periods. Every change to a key notifies
-//! `keyd_changes` with `ENV/COUNTRY` in its transaction (delivered at commit).
+//! `keyd_changes` with `ENV/COUNTRY` and the time at the end of its transaction
+//! (delivered at commit; `notify`).
 
 use std::collections::HashMap;
 
@@ -206,14 +207,16 @@ pub(super) async fn add_version(
         }
         other => other?,
     };
-    notify(tx, id).await
+    Ok(())
 }
 
-/// Tells every node listening that `id` changed (delivered when the transaction commits,
-/// never when it rolls back).
-async fn notify(tx: &Tx<'_>, id: &KeyId) -> Result<()> {
+/// Tells every node listening that `id` changed: `ENV/COUNTRY` and the database's time in
+/// Unix ms, which nodes measure the propagation delay from (delivered when the transaction
+/// commits, never when it rolls back). The last statement of a change's transaction, so
+/// that the time is its commit's, give or take the commit itself.
+pub(super) async fn notify(tx: &Tx<'_>, id: &KeyId) -> Result<()> {
     tx.execute(
-        "SELECT pg_notify($1, $2)",
+        "SELECT pg_notify($1, $2::text || ' ' || floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint::text)",
         &[&CHANGES_CHANNEL, &format!("{}/{}", id.env, id.country)],
     )
     .await?;
@@ -311,5 +314,5 @@ pub(super) async fn set_rotation_period(tx: &Tx<'_>, id: &KeyId, days: Option<u3
     if n == 0 {
         return Err(Error::not_found(Code::KeyNotFound, format!("no key {id}")));
     }
-    notify(tx, id).await
+    Ok(())
 }

@@ -7,9 +7,9 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Connection, Socket};
 
-use super::tls::MakeRustls;
+use super::tls::{MakeRustls, RustlsStream};
 use crate::domain::error::{Error, Result};
 use crate::domain::Code;
 
@@ -99,6 +99,38 @@ impl Pool {
             }
         });
         Ok(client)
+    }
+}
+
+/// Makes connections outside the pool (the change listener's own).
+#[derive(Clone)]
+pub(super) struct Dialer {
+    config: tokio_postgres::Config,
+    tls: MakeRustls,
+}
+
+impl Dialer {
+    /// A new connection; the caller drives it.
+    pub(super) async fn connect(
+        &self,
+    ) -> Result<(Client, Connection<Socket, RustlsStream<Socket>>)> {
+        Ok(self.config.connect(self.tls.clone()).await?)
+    }
+}
+
+impl Pool {
+    /// The change listener's: its sessions show as `… listener` in `pg_stat_activity`.
+    pub(super) fn dialer(&self) -> Dialer {
+        let mut config = self.config.clone();
+        let name = format!(
+            "{} listener",
+            config.get_application_name().unwrap_or("incountry-keyd")
+        );
+        config.application_name(name);
+        Dialer {
+            config,
+            tls: self.tls.clone(),
+        }
     }
 }
 

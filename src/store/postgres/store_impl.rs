@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use super::{audit_log, keys, totp, PgStore, EXCLUSIVE_LOCK};
+use super::{audit_log, keys, listen, totp, PgStore, EXCLUSIVE_LOCK};
 use crate::domain::audit::anchor::StateHead;
 use crate::domain::audit::{AuditEntry, AuditRecord};
 use crate::domain::error::Result;
 use crate::domain::KeyId;
 use crate::store::{
-    AuditSeal, Store, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits,
+    AuditSeal, ChangeFeed, Store, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits,
 };
 
 impl Store for PgStore {
@@ -30,14 +30,16 @@ impl Store for PgStore {
     ) -> Result<()> {
         self.write(async |tx| {
             keys::add_version(tx, id, rotation_period_days, v).await?;
-            audit_log::append(tx, audit).await
+            audit_log::append(tx, audit).await?;
+            keys::notify(tx, id).await
         })
     }
 
     fn set_rotation_period(&self, id: &KeyId, days: Option<u32>, audit: &AuditEntry) -> Result<()> {
         self.write(async |tx| {
             keys::set_rotation_period(tx, id, days).await?;
-            audit_log::append(tx, audit).await
+            audit_log::append(tx, audit).await?;
+            keys::notify(tx, id).await
         })
     }
 
@@ -161,10 +163,27 @@ impl Store for PgStore {
         out
     }
 
+    /// A failed operation, else a lost change listener: either way this node is not in
+    /// step with the state.
     fn unavailable(&self) -> Option<String> {
-        self.unavailable
+        let failed = self
+            .unavailable
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        failed.or_else(|| {
+            self.following
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+    }
+
+    fn follow(&self) -> Option<ChangeFeed> {
+        Some(listen::start(
+            self.pool.dialer(),
+            &self.handle,
+            self.following.clone(),
+        ))
     }
 }
