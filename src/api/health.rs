@@ -12,9 +12,11 @@ use super::response::{self, Body};
 use super::App;
 use crate::domain::{AwsStatus, VerificationMode};
 use crate::proto::{
-    BareHealth, Condition, Health, HealthDocument, HealthStatus, RotationFailure, RotationHealth,
+    BareHealth, ClusterHealth, Condition, Health, HealthDocument, HealthStatus, NodeRole,
+    RotationFailure, RotationHealth,
 };
 use crate::rotation::StatusView;
+use crate::store::Leadership;
 
 pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
     // The ping proves the session against the token; a failure makes the worker reconnect.
@@ -52,6 +54,7 @@ pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
     } else {
         Health::Full(Box::new(HealthDocument {
             aws,
+            cluster: cluster_health(&app.leadership),
             hsm: condition(&hsm_error),
             hsm_error,
             hsm_reconnects: app.keyring.hsm_status().reconnects,
@@ -73,6 +76,16 @@ fn condition(error: &Option<String>) -> Condition {
         Some(_) => Condition::Unavailable,
         None => Condition::Ok,
     }
+}
+
+/// This node's name and role; nothing for a node in no cluster (SQLite).
+fn cluster_health(leadership: &Leadership) -> Option<ClusterHealth> {
+    let node = leadership.node()?.to_string();
+    let role = match leadership.is_leader() {
+        true => NodeRole::Leader,
+        false => NodeRole::Follower,
+    };
+    Some(ClusterHealth { node, role })
 }
 
 /// The rotator's view in wire types.
@@ -97,6 +110,7 @@ fn rotation_health(view: StatusView) -> RotationHealth {
 /// `GET /metrics`.
 pub(super) fn metrics(app: &App) -> Response<Body> {
     let now = app.keyring.now();
+    app.metrics.set_leader(app.leadership.is_leader());
     let text = app.metrics.render(&app.keyring.snapshot(), now);
     let mut resp = response::bytes(StatusCode::OK, Bytes::from(text));
     resp.headers_mut().insert(

@@ -24,7 +24,8 @@ pub use admin::{
     Enrolled, Enrollment, PeriodRequest, VersionAdded,
 };
 pub use health::{
-    BareHealth, Condition, Health, HealthDocument, HealthStatus, RotationFailure, RotationHealth,
+    BareHealth, ClusterHealth, Condition, Health, HealthDocument, HealthStatus, NodeRole,
+    RotationFailure, RotationHealth,
 };
 pub use keys::{KeyDocument, KeyList, KeySummary, SdkSecret, SecretsDocument, VersionDocument};
 pub use records::{

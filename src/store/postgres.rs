@@ -10,6 +10,7 @@
 mod audit_log;
 mod block;
 mod keys;
+mod lease;
 mod pool;
 mod schema;
 mod store_impl;
@@ -97,6 +98,8 @@ pub struct PgStore {
     /// connection, shutdown, timeout); `None` once one succeeds.
     unavailable: Mutex<Option<String>>,
     seal: Mutex<Option<Arc<dyn AuditSeal>>>,
+    /// This node's name (`cluster.node_name`): sessions and the rotator's lease carry it.
+    node: String,
     /// Last: shut down after the pool's connections are dropped.
     runtime: Option<Runtime>,
 }
@@ -183,6 +186,7 @@ impl PgStore {
             read_only,
             unavailable: Mutex::new(None),
             seal: Mutex::new(None),
+            node: c.node.clone(),
             runtime: Some(runtime),
         };
         let mut lease = store.pool.take()?;

@@ -6,10 +6,13 @@
 //!   number (one wins), audit entries appended from two nodes at once (one chain), TOTP
 //!   failures, locks and used steps shared, nodes starting at once, an outage;
 //! - `tls`: verify-full over TCP (rustls), against a CA of the test's own;
-//! - `daemon`: the real daemon with `state.backend = "postgres"`.
+//! - `daemon`: the real daemon with `state.backend = "postgres"`;
+//! - `leader`: one rotator among three daemons (the lease), and its take-over.
 //!
 //! `store` and `nodes` use the crate's test doubles, built with the test-clock feature.
 
+#[cfg(feature = "test-clock")]
+mod leader;
 #[cfg(feature = "test-clock")]
 mod nodes;
 #[cfg(feature = "test-clock")]
