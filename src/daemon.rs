@@ -121,7 +121,8 @@ async fn run(
         tracing::debug!("socket from systemd: server.socket and server.socket_mode are not used");
     }
     let listener = tokio::net::UnixListener::from_std(listener)?;
-    let app = Arc::new(App::new(keyring, config, verifier)?);
+    let leadership = keyring.leadership(config.cluster.lease);
+    let app = Arc::new(App::new(keyring, config, verifier)?.with_leadership(leadership));
     // Customer-supplied keys: checked with KMS now (bounded, so an unreachable KMS does not
     // hold up the keys that need no KMS), then on a schedule.
     let (first_pass_tx, first_pass) = tokio::sync::oneshot::channel();
@@ -160,6 +161,7 @@ async fn run(
             keyring: &a.keyring,
             status: &a.rotator,
             metrics: &a.metrics,
+            leader: &a.leadership,
         };
         crate::rotation::run(rotator, a.clock_changed.subscribe(), a.stopping.subscribe()).await
     });

@@ -29,6 +29,11 @@ pub struct KeyLabels {
     pub country: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -45,6 +50,8 @@ pub struct Metrics {
     /// A shared state's (registered by `register_propagation`).
     propagation_delay: Gauge<f64, AtomicU64>,
     last_reload: Gauge,
+    /// `keyd_cluster_leader{node}`, registered by `in_cluster` only (one node shows none).
+    leader: Option<Gauge>,
 }
 
 /// Counts one long-polling request while it lives.
@@ -129,6 +136,7 @@ impl Metrics {
             waiters,
             propagation_delay: Gauge::default(),
             last_reload: Gauge::default(),
+            leader: None,
         }
     }
 
@@ -153,6 +161,29 @@ impl Metrics {
         }
         if let Some(t) = last_reload {
             self.last_reload.set(t);
+        }
+    }
+
+    /// This node is `node` of a cluster: its role is shown from now on.
+    pub fn in_cluster(&mut self, node: &str) {
+        let family = Family::<NodeLabels, Gauge>::default();
+        let gauge = family
+            .get_or_create(&NodeLabels {
+                node: node.to_string(),
+            })
+            .clone();
+        self.registry.register(
+            "cluster_leader",
+            "1 while this node holds the rotator's lease (runs timer rotations), else 0",
+            family,
+        );
+        self.leader = Some(gauge);
+    }
+
+    /// Whether this node leads now (a node in no cluster shows nothing).
+    pub fn set_leader(&self, leader: bool) {
+        if let Some(g) = &self.leader {
+            g.set(i64::from(leader));
         }
     }
 

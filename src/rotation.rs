@@ -3,6 +3,12 @@
 //! restart neither repeats nor skips a rotation, and a key that fell due while the daemon
 //! was down rotates once at start. It sleeps until the earliest due time (at most an hour,
 //! for wall-clock jumps and suspend) and wakes early on any key change or clock change.
+//!
+//! Only the leader rotates (`store::Leadership`: one SQLite node always is; on PostgreSQL,
+//! the node holding the lease): followers run no passes, a node that becomes leader runs one
+//! at once (so a key that fell due while no node led rotates then, once), and a pass stops
+//! when the lease is lost. A deposed leader that still rotates meets the store's guard: the
+//! rotation names the version it replaces (`expect_active`), checked in its transaction.
 
 use crate::domain::Code;
 use std::collections::BTreeMap;
@@ -18,6 +24,7 @@ use crate::domain::Initiator;
 use crate::domain::KeyId;
 use crate::keyring::{KeySource, Keyring, NewVersion};
 use crate::metrics::Metrics;
+use crate::store::Leadership;
 
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 const FIRST_RETRY: Duration = Duration::from_secs(5);
@@ -82,11 +89,13 @@ impl RotatorStatus {
     }
 }
 
-/// What the rotator works with: the keys, its own status (for health) and its counters.
+/// What the rotator works with: the keys, its own status (for health), its counters, and
+/// whether this node leads.
 pub struct Rotator<'a> {
     pub keyring: &'a Keyring,
     pub status: &'a RotatorStatus,
     pub metrics: &'a Metrics,
+    pub leader: &'a Leadership,
 }
 
 /// Runs until `stopping` turns true; wakes early when a key or the clock (`clock`) changes.
@@ -96,20 +105,33 @@ pub async fn run(
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut changes = r.keyring.subscribe();
+    let mut leader = r.leader.clone();
     loop {
+        if !leader.is_leader() {
+            tokio::select! {
+                () = leader.became_leader() => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
         let wake_in = pass(&r, &Instant::now).await;
         tokio::select! {
             _ = tokio::time::sleep(wake_in) => {}
             _ = clock.changed() => {}
             changed = changes.changed() => if changed.is_err() { return },
+            () = leader.lost() => {}
             _ = stopping.wait_for(|s| *s) => return,
         }
     }
 }
 
 /// Rotates every due key once; returns how long to sleep before the next pass. Retries are
-/// timed by `instant` (`Instant::now`; tests pass their own).
+/// timed by `instant` (`Instant::now`; tests pass their own). Does nothing on a follower, and
+/// stops (uncounted) when the lease is lost on the way.
 async fn pass(r: &Rotator<'_>, instant: &(dyn Fn() -> Instant + Sync)) -> Duration {
+    if !r.leader.is_leader() {
+        return MAX_SLEEP;
+    }
     let now = r.keyring.now();
     let mut sleep = MAX_SLEEP;
     for key in r.keyring.snapshot().keys.values() {
@@ -126,6 +148,9 @@ async fn pass(r: &Rotator<'_>, instant: &(dyn Fn() -> Instant + Sync)) -> Durati
         if let Some(at) = retry_at.filter(|at| *at > instant()) {
             sleep = sleep.min(at - instant());
             continue;
+        }
+        if !r.leader.is_leader() {
+            return sleep;
         }
         let req = NewVersion {
             source: KeySource::Managed,

@@ -6,6 +6,7 @@ use crate::config::{AccessPolicy, Config};
 use crate::keyring::Keyring;
 use crate::metrics::Metrics;
 use crate::rotation::RotatorStatus;
+use crate::store::Leadership;
 use crate::verify::Verifier;
 
 /// What every request handler shares.
@@ -18,6 +19,8 @@ pub struct App {
     pub stopping: tokio::sync::watch::Sender<bool>,
     pub metrics: Metrics,
     pub rotator: RotatorStatus,
+    /// Whether this node runs timer rotations (one node always does).
+    pub leadership: Leadership,
     /// Bumped when the (test) clock moves: wakes the rotator and the KMS revalidation.
     pub clock_changed: tokio::sync::watch::Sender<u64>,
     /// Bumped when a reload changes the access lists: long polls check their peer again.
@@ -40,10 +43,20 @@ impl App {
             verifier,
             stopping: tokio::sync::watch::channel(false).0,
             rotator: RotatorStatus::default(),
+            leadership: Leadership::single(),
             clock_changed: tokio::sync::watch::channel(0).0,
             access_changed: tokio::sync::watch::channel(0).0,
             refusals: super::Refusals::default(),
         })
+    }
+
+    /// A node of a cluster: timer rotations follow its lease, health and metrics show it.
+    pub fn with_leadership(mut self, leadership: Leadership) -> App {
+        if let Some(node) = leadership.node() {
+            self.metrics.in_cluster(node);
+        }
+        self.leadership = leadership;
+        self
     }
 
     /// The test clock moved: wake whatever waits on time.

@@ -13,10 +13,11 @@ use super::App;
 use crate::domain::clock::rfc3339;
 use crate::domain::{AwsStatus, VerificationMode};
 use crate::proto::{
-    BareHealth, Condition, Health, HealthDocument, HealthStatus, PropagationHealth,
-    RotationFailure, RotationHealth,
+    BareHealth, ClusterHealth, Condition, Health, HealthDocument, HealthStatus, NodeRole,
+    PropagationHealth, RotationFailure, RotationHealth,
 };
 use crate::rotation::StatusView;
+use crate::store::Leadership;
 
 pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
     // The ping proves the session against the token; a failure makes the worker reconnect.
@@ -54,6 +55,7 @@ pub(super) async fn health(app: &App, role: Role) -> Response<Body> {
     } else {
         Health::Full(Box::new(HealthDocument {
             aws,
+            cluster: cluster_health(&app.leadership),
             hsm: condition(&hsm_error),
             hsm_error,
             hsm_reconnects: app.keyring.hsm_status().reconnects,
@@ -81,6 +83,16 @@ fn condition(error: &Option<String>) -> Condition {
     }
 }
 
+/// This node's name and role; nothing for a node in no cluster (SQLite).
+fn cluster_health(leadership: &Leadership) -> Option<ClusterHealth> {
+    let node = leadership.node()?.to_string();
+    let role = match leadership.is_leader() {
+        true => NodeRole::Leader,
+        false => NodeRole::Follower,
+    };
+    Some(ClusterHealth { node, role })
+}
+
 /// The rotator's view in wire types.
 fn rotation_health(view: StatusView) -> RotationHealth {
     let failing = view
@@ -106,6 +118,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
     if let Some(p) = app.keyring.propagation() {
         app.metrics.set_propagation(p.last_delay_ms, p.last_reload);
     }
+    app.metrics.set_leader(app.leadership.is_leader());
     let text = app.metrics.render(&app.keyring.snapshot(), now);
     let mut resp = response::bytes(StatusCode::OK, Bytes::from(text));
     resp.headers_mut().insert(

@@ -114,6 +114,12 @@ impl Keyring {
         self.changes.subscribe()
     }
 
+    /// Starts this node's lease on timer rotations (once per process; see
+    /// `store::Leadership`).
+    pub fn leadership(&self, lease: std::time::Duration) -> crate::store::Leadership {
+        self.store.leadership(lease)
+    }
+
     /// Now, in Unix seconds, by the keyring's clock.
     pub fn now(&self) -> i64 {
         self.clock.now().unix_timestamp()

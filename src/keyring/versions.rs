@@ -205,11 +205,13 @@ impl Keyring {
         let audit = AuditEntry::new(now.unix_timestamp(), &req.actor, req.action, Some(id))
             .version(version)
             .outcome(AuditOutcome::Ok, format!("new {} version", kind.as_str()));
+        let planned_on = req.expect_active;
         self.state_op(
             move |store, id| store.add_version(id, period, &stored, &audit),
             id,
         )
-        .await?;
+        .await
+        .map_err(|e| stale_if_planned(e, id, planned_on))?;
         if root_created {
             tracing::info!(env = %id.env, country = %id.country, "created root key in HSM");
         }
@@ -302,5 +304,19 @@ impl Keyring {
             })
             .await?;
         Ok(sealed)
+    }
+}
+
+/// The store refused the number a rotation planned on `planned_on` (`expect_active`): the
+/// key moved on in the shared state, by another node, after this one last loaded it. The
+/// store checks that number under the key's row lock in the rotation's transaction, which
+/// is what keeps a deposed leader from rotating a key twice.
+fn stale_if_planned(e: Error, id: &KeyId, planned_on: Option<u32>) -> Error {
+    match (planned_on, e.code()) {
+        (Some(v), Code::VersionConflict) => Error::conflict(
+            Code::StaleRotation,
+            format!("{id} changed elsewhere since the rotation was planned on version {v}"),
+        ),
+        _ => e,
     }
 }

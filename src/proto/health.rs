@@ -33,6 +33,9 @@ pub struct BareHealth {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthDocument {
     pub aws: AwsHealth,
+    /// This node in its cluster (PostgreSQL state); absent for a state of one node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterHealth>,
     pub hsm: Condition,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsm_error: Option<String>,
@@ -96,4 +99,20 @@ pub struct RotationFailure {
     pub error: String,
     pub key: String,
     pub retry_in_seconds: u64,
+}
+
+/// A node of a cluster (fields alphabetical: the wire order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterHealth {
+    /// `cluster.node_name`.
+    pub node: String,
+    pub role: NodeRole,
+}
+
+/// Whether the node runs timer rotations (holds the rotator's lease).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeRole {
+    Leader,
+    Follower,
 }

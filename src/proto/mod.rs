@@ -24,8 +24,8 @@ pub use admin::{
     Enrolled, Enrollment, PeriodRequest, VersionAdded,
 };
 pub use health::{
-    BareHealth, Condition, Health, HealthDocument, HealthStatus, PropagationHealth,
-    RotationFailure, RotationHealth,
+    BareHealth, ClusterHealth, Condition, Health, HealthDocument, HealthStatus, NodeRole,
+    PropagationHealth, RotationFailure, RotationHealth,
 };
 pub use keys::{KeyDocument, KeyList, KeySummary, SdkSecret, SecretsDocument, VersionDocument};
 pub use records::{

@@ -202,6 +202,7 @@ fn health() {
     };
     let doc = HealthDocument {
         aws,
+        cluster: None,
         hsm: Condition::Ok,
         hsm_error: None,
         hsm_reconnects: 0,
@@ -237,6 +238,14 @@ fn health() {
         ),
         "{text}"
     );
+    // A node of a cluster adds its name and role; one without a cluster (SQLite) nothing.
+    let mut in_cluster = doc.clone();
+    in_cluster.cluster = Some(ClusterHealth {
+        node: "a".into(),
+        role: NodeRole::Follower,
+    });
+    let wire = serde_json::to_value(&in_cluster).unwrap();
+    assert_eq!(wire["cluster"], json!({"node": "a", "role": "follower"}));
     let full = Health::Full(Box::new(doc));
     same_bytes(
         &full,

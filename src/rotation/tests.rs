@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{pass, Rotator, RotatorStatus, MAX_SLEEP};
+use super::{pass, run, Rotator, RotatorStatus, MAX_SLEEP};
 use crate::domain::audit::{AuditEntry, AuditOutcome};
 use crate::domain::{KeyId, VersionType};
 use crate::keyring::fixture::{admin, id, Fixture, DAY};
-use crate::keyring::KeySource;
+use crate::keyring::{KeySource, Keyring};
 use crate::metrics::Metrics;
+use crate::store::{Leadership, Lease};
 
 /// The retries' clock: stands still unless moved.
 struct Mono {
@@ -38,24 +39,35 @@ struct Timer {
     status: RotatorStatus,
     metrics: Metrics,
     mono: Mono,
+    leader: Leadership,
 }
 
 impl Timer {
+    /// The rotator of the only node (always the leader).
     fn new(fx: &Fixture) -> Timer {
+        Timer::with(fx, Leadership::single())
+    }
+
+    fn with(fx: &Fixture, leader: Leadership) -> Timer {
         Timer {
             status: RotatorStatus::default(),
             metrics: Metrics::new(fx.keyring.hsm_error_counter()),
             mono: Mono::new(),
+            leader,
+        }
+    }
+
+    fn rotator<'a>(&'a self, keyring: &'a Keyring) -> Rotator<'a> {
+        Rotator {
+            keyring,
+            status: &self.status,
+            metrics: &self.metrics,
+            leader: &self.leader,
         }
     }
 
     async fn pass(&self, fx: &Fixture) -> Duration {
-        let r = Rotator {
-            keyring: &fx.keyring,
-            status: &self.status,
-            metrics: &self.metrics,
-        };
-        pass(&r, &|| self.mono.now()).await
+        pass(&self.rotator(&fx.keyring), &|| self.mono.now()).await
     }
 
     fn rotations(&self) -> u64 {
@@ -237,4 +249,145 @@ async fn keys_with_an_active_aws_version_do_not_rotate() {
     fx.clock.advance(30 * DAY);
     t.pass(&fx).await;
     assert_eq!((last_version(&fx, &de), t.rotations()), (4, 1));
+}
+
+/// A lease that holds for the next hour.
+fn leading() -> Lease {
+    Lease::Leader(Some(Instant::now() + Duration::from_secs(3600)))
+}
+
+/// Polls `what` (the rotator runs beside the test, on its thread) for up to 10 s.
+async fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_follower_or_a_lapsed_lease_never_rotates() {
+    let fx = Fixture::new().await;
+    let de = id("prod", "DE");
+    fx.managed(&de, Some(30)).await.unwrap();
+    fx.clock.advance(31 * DAY);
+    let (lease, leadership) = Leadership::cluster("a");
+    let t = Timer::with(&fx, leadership);
+    assert_eq!(t.pass(&fx).await, MAX_SLEEP);
+    // A leader whose claim lapsed (frozen past its last heartbeat) is not one either.
+    lease.send_replace(Lease::Leader(Some(
+        Instant::now() - Duration::from_millis(1),
+    )));
+    assert_eq!(t.pass(&fx).await, MAX_SLEEP);
+    // Nothing rotated, nothing failed, and no pass counted.
+    assert_eq!(
+        (last_version(&fx, &de), t.rotations(), t.failures()),
+        (1, 0, 0)
+    );
+    t.status
+        .with(|s| assert_eq!((s.checks, s.last_check), (0, None)));
+    assert!(fx.audit().iter().all(|e| e.actor != "timer"));
+    // Leading again: the due key rotates.
+    lease.send_replace(leading());
+    t.pass(&fx).await;
+    assert_eq!((last_version(&fx, &de), t.rotations()), (2, 1));
+}
+
+#[tokio::test]
+async fn a_node_that_becomes_leader_rotates_what_fell_due_once() {
+    let fx = Fixture::new().await;
+    let (de, fr) = (id("prod", "DE"), id("prod", "FR"));
+    fx.managed(&de, Some(30)).await.unwrap();
+    fx.managed(&fr, Some(60)).await.unwrap();
+    let (lease, leadership) = Leadership::cluster("a");
+    let t = Timer::with(&fx, leadership);
+    let (clock, clock_rx) = tokio::sync::watch::channel(0u64);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let tick = || clock.send_modify(|n| *n += 1);
+    let checks = || t.status.with(|s| s.checks);
+    let test = async {
+        // DE falls due while no node leads: this follower wakes with the clock, plans nothing.
+        fx.clock.advance(30 * DAY);
+        tick();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!((checks(), t.rotations(), last_version(&fx, &de)), (0, 0, 1));
+        // Leading: a pass at once, which rotates DE; later passes do not again.
+        lease.send_replace(leading());
+        wait_for("the new leader's rotation", || t.rotations() == 1).await;
+        let done = checks();
+        fx.clock.advance(60);
+        tick();
+        wait_for("a later pass", || checks() > done).await;
+        assert_eq!((t.rotations(), last_version(&fx, &de)), (1, 2));
+        // Deposed: both keys fall due, and nothing rotates...
+        lease.send_replace(Lease::Follower);
+        fx.clock.advance(30 * DAY);
+        tick();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let passes = checks();
+        assert_eq!(t.rotations(), 1);
+        // ...until it leads again: each due key once.
+        lease.send_replace(leading());
+        wait_for("both rotations", || t.rotations() == 3).await;
+        let done = checks();
+        tick();
+        wait_for("a later pass", || checks() > done).await;
+        assert!(done > passes);
+        assert_eq!((last_version(&fx, &de), last_version(&fx, &fr)), (3, 2));
+        assert_eq!((t.rotations(), t.failures()), (3, 0));
+        assert_eq!(timer_entries(&fx, AuditOutcome::Ok).len(), 3);
+        stop.send_replace(true);
+    };
+    let rotating = run(t.rotator(&fx.keyring), clock_rx, stop_rx);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(rotating, test)
+    })
+    .await
+    .expect("the rotator stops");
+}
+
+#[tokio::test]
+async fn a_deposed_leader_that_planned_on_an_old_version_does_not_rotate_again() {
+    let fx = Fixture::new().await;
+    let de = id("prod", "DE");
+    fx.managed(&de, Some(30)).await.unwrap();
+    fx.clock.advance(30 * DAY);
+    // Another node on the same state, which loaded it before the leader rotated and has
+    // not seen the rotation since (as a node whose change notice is still on its way).
+    let other = Keyring::load(
+        fx.store.clone(),
+        fx.worker.clone(),
+        fx.clock.clone(),
+        fx.kms.clone(),
+    )
+    .await
+    .unwrap();
+    let leader = Timer::new(&fx);
+    leader.pass(&fx).await;
+    assert_eq!((last_version(&fx, &de), leader.rotations()), (2, 1));
+    // The old leader still believes it leads, and DE is due by what it knows: the state
+    // refuses the rotation it planned on version 1; no failure, no retry, no entry.
+    let deposed = Timer::new(&fx);
+    assert_eq!(other.key(&de).unwrap().last_version(), 1);
+    pass(&deposed.rotator(&other), &|| deposed.mono.now()).await;
+    assert_eq!((deposed.rotations(), deposed.failures()), (0, 0));
+    assert_eq!(deposed.failing(&de), None);
+    let versions: Vec<u32> = fx
+        .store
+        .load_key(&de)
+        .unwrap()
+        .unwrap()
+        .versions
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    assert_eq!(timer_entries(&fx, AuditOutcome::Ok).len(), 1);
+    assert!(timer_entries(&fx, AuditOutcome::Failed).is_empty());
 }

@@ -8,6 +8,7 @@
 // the integration tests (PostgreSQL).
 #[cfg(any(test, feature = "test-clock"))]
 pub mod conformance;
+mod leader;
 mod postgres;
 mod sqlite;
 #[cfg(test)]
@@ -16,6 +17,7 @@ mod types;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{Config, StateBackend};
 
@@ -24,6 +26,7 @@ use crate::domain::audit::{AuditEntry, AuditRecord};
 use crate::domain::error::Result;
 use crate::domain::KeyId;
 
+pub use leader::{Leadership, Lease};
 pub use postgres::{PgConnect, PgStore, CHANGES_CHANNEL};
 pub use sqlite::{SqliteStore, DB_FILE};
 pub use types::{
@@ -142,6 +145,10 @@ pub trait Store: Send + Sync + 'static {
     /// (PostgreSQL: a session advisory lock; SQLite: the state lock already excludes
     /// everyone). For set-up that must happen once, such as making the HSM's audit key.
     fn exclusive(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()>;
+    /// Starts this node's lease on timer rotations (once per process): SQLite, one node,
+    /// always leads; PostgreSQL, the node holding an advisory lock on a session of its own;
+    /// `lease` bounds how long a vanished leader keeps it.
+    fn leadership(&self, lease: Duration) -> Leadership;
 
     /// `Some(reason)` while the state fails for a reason of the disk (full, I/O error,
     /// read-only) or of the database's server (connection lost, shut down); clears at the

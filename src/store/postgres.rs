@@ -10,6 +10,7 @@
 mod audit_log;
 mod block;
 mod keys;
+mod lease;
 mod listen;
 mod pool;
 mod schema;
@@ -101,6 +102,8 @@ pub struct PgStore {
     /// Why the change listener (`Store::follow`) is not following, while it is not.
     following: listen::Down,
     seal: Mutex<Option<Arc<dyn AuditSeal>>>,
+    /// This node's name (`cluster.node_name`): sessions and the rotator's lease carry it.
+    node: String,
     /// Last: shut down after the pool's connections are dropped.
     runtime: Option<Runtime>,
 }
@@ -188,6 +191,7 @@ impl PgStore {
             unavailable: Mutex::new(None),
             following: Arc::default(),
             seal: Mutex::new(None),
+            node: c.node.clone(),
             runtime: Some(runtime),
         };
         let mut lease = store.pool.take()?;

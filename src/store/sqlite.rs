@@ -290,6 +290,11 @@ impl Store for SqliteStore {
         f()
     }
 
+    /// The only node of this state (its lock excludes every other process).
+    fn leadership(&self, _: std::time::Duration) -> super::Leadership {
+        super::Leadership::single()
+    }
+
     fn unavailable(&self) -> Option<String> {
         self.unavailable
             .lock()

@@ -11,9 +11,12 @@
 //!   long polls woken, two nodes racing 50 rotations each;
 //! - `outage`: PostgreSQL stopped and started under three daemons; the periodic reload;
 //! - `shared_limits`: verification codes and the daily limit across nodes.
+//! - `leader`: one rotator among three daemons (the lease), and its take-over.
 //!
 //! `store` and `nodes` use the crate's test doubles, built with the test-clock feature.
 
+#[cfg(feature = "test-clock")]
+mod leader;
 #[cfg(feature = "test-clock")]
 mod nodes;
 #[cfg(feature = "test-clock")]

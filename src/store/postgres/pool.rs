@@ -60,6 +60,11 @@ impl Pool {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// What the pool connects with (a session of another use connects alike).
+    pub(super) fn target(&self) -> (&tokio_postgres::Config, &MakeRustls) {
+        (&self.config, &self.tls)
+    }
+
     /// A connection (possibly not made yet), waiting while all are in use. Blocking.
     pub(super) fn take(&self) -> Result<Lease<'_>> {
         let deadline = Instant::now() + OP_TIMEOUT;

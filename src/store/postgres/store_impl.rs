@@ -2,14 +2,16 @@
 //! transaction with its audit entry).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{audit_log, keys, listen, totp, PgStore, EXCLUSIVE_LOCK};
+use super::{audit_log, keys, lease, listen, totp, PgStore, EXCLUSIVE_LOCK};
 use crate::domain::audit::anchor::StateHead;
 use crate::domain::audit::{AuditEntry, AuditRecord};
 use crate::domain::error::Result;
 use crate::domain::KeyId;
 use crate::store::{
-    AuditSeal, ChangeFeed, Store, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits,
+    AuditSeal, ChangeFeed, Leadership, Store, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion,
+    TotpLimits,
 };
 
 impl Store for PgStore {
@@ -161,6 +163,16 @@ impl Store for PgStore {
             lease.discard();
         }
         out
+    }
+
+    /// The rotator's lease (`lease`): an advisory lock on a session of this node's own.
+    fn leadership(&self, lease: Duration) -> Leadership {
+        if self.read_only {
+            // A tool reading the state never rotates.
+            return Leadership::cluster(&self.node).1;
+        }
+        let (config, tls) = self.pool.target();
+        lease::start(&self.handle, config.clone(), tls.clone(), &self.node, lease)
     }
 
     /// A failed operation, else a lost change listener: either way this node is not in
