@@ -108,7 +108,12 @@ impl Keyring {
             match made {
                 // Another node moved the key (a node that does not take the state's lock):
                 // this node's view of it is renewed, and a rotation made again on it once.
-                Err(e) if e.code() == Code::VersionConflict && self.shared() => {
+                // (A timer rotation planned on an older version comes back as stale: the
+                // view is renewed too, but it is never made again.)
+                Err(e)
+                    if matches!(e.code(), Code::VersionConflict | Code::StaleRotation)
+                        && self.shared() =>
+                {
                     self.reload_locked(id).await?;
                     let again = kind == VersionType::Managed
                         && known
