@@ -14,7 +14,7 @@ pub mod records;
 mod tests;
 mod versions;
 
-pub use aws::{AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
+pub use aws::{recorded_refusals, AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
 pub use counters::{CounterValues, RecordCounters, RecordEvent};
 pub use records::{Items, Op, Recorded, Sealed};
 pub use versions::{AddedVersion, KeySource, NewVersion};
@@ -68,6 +68,8 @@ impl Keyring {
                 .await
                 .map_err(|e| Error::internal(format!("state loader: {e}")))??
         };
+        // Before the keys are taken apart: the refusals the state records.
+        let aws_checks = aws::Checks::seeded(&stored);
         let mut keys = BTreeMap::new();
         for key in stored {
             let state = load::unwrap_key(&hsm, key).await?;
@@ -83,7 +85,7 @@ impl Keyring {
             changes,
             records: RecordCounters::default(),
             kms,
-            aws_checks: std::sync::Mutex::new(aws::Checks::default()),
+            aws_checks: std::sync::Mutex::new(aws_checks),
         })
     }
 
