@@ -6,7 +6,10 @@
 //!   number (one wins), audit entries appended from two nodes at once (one chain), TOTP
 //!   failures, locks and used steps shared, nodes starting at once, an outage;
 //! - `tls`: verify-full over TCP (rustls), against a CA of the test's own;
-//! - `daemon`: the real daemon with `state.backend = "postgres"`.
+//! - `daemon`: the real daemon with `state.backend = "postgres"`;
+//! - `migrate`: `state migrate --to-postgres`, a SQLite host's state moved over;
+//! - `aws`: a customer-supplied key refused by KMS on one node is withdrawn on every node
+//!   (moto's KMS, `harness::moto`).
 //!
 //! `store` and `nodes` use the crate's test doubles, built with the test-clock feature.
 
@@ -15,7 +18,9 @@ mod nodes;
 #[cfg(feature = "test-clock")]
 mod store;
 
+mod aws;
 mod daemon;
+mod migrate;
 mod tls;
 
 #[cfg(not(feature = "test-clock"))]
