@@ -86,6 +86,9 @@ fn uid(n: i64) -> Result<u32> {
 }
 
 pub(super) async fn import(tx: &Tx<'_>, copy: &StateCopy, audit: Reader<'_>) -> Result<()> {
+    // Two copies at once: the second waits here, then finds the state not empty.
+    tx.execute("SELECT 1 FROM audit_head WHERE one FOR UPDATE", &[])
+        .await?;
     let row = tx
         .query_one(
             "SELECT (SELECT COUNT(*) FROM keys) + (SELECT COUNT(*) FROM totp)
