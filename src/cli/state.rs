@@ -22,6 +22,7 @@ use serde::Serialize;
 use super::admin::act_as_state_owner;
 use crate::config::{Config, StateBackend};
 use crate::domain::audit::{Actor, AuditEntry, AuditOutcome, AuditRecord};
+use crate::domain::VersionType;
 use crate::hsm::HsmWorker;
 use crate::keyring::anchor::{self, Verdict};
 use crate::store::{AuditSeal, PgConnect, PgStore, StateCopy, Store, StoredKey, DB_FILE};
@@ -287,9 +288,9 @@ fn unwrapped(hsm: &HsmWorker, keys: &[StoredKey]) -> anyhow::Result<usize> {
             .versions
             .iter()
             .map(|v| {
-                let aad = match v.aws {
-                    None => key.id.wrap_aad(v.version),
-                    Some(_) => key.id.aws_secret_aad(v.version),
+                let aad = match v.kind {
+                    VersionType::Managed => key.id.wrap_aad(v.version),
+                    VersionType::Aws => key.id.aws_secret_aad(v.version),
                 };
                 (v.iv, aad, v.wrapped.clone())
             })
