@@ -122,7 +122,11 @@ fn col<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
     Ok(row.try_get(i)?)
 }
 
-fn timed_out(limit: Duration) -> Error {
+fn timed_out() -> Error {
+    timed_out_after(OP_TIMEOUT)
+}
+
+fn timed_out_after(limit: Duration) -> Error {
     Error::unavailable(
         Code::StateUnavailable,
         format!("PostgreSQL did not answer within {} s", limit.as_secs()),
@@ -194,7 +198,7 @@ impl PgStore {
                 }
             })
             .await;
-            done.unwrap_or_else(|_| Err(timed_out(OP_TIMEOUT).into()))
+            done.unwrap_or_else(|_| Err(timed_out().into()))
         });
         drop(lease);
         ready.context("cannot open the PostgreSQL state")?;
@@ -215,7 +219,7 @@ impl PgStore {
         f: impl AsyncFnOnce(&mut Client) -> Result<T>,
     ) -> Result<T> {
         let result = self.pool.take().and_then(|mut lease| {
-            let out = self.on(&mut lease, limit, f);
+            let out = self.on_within(&mut lease, limit, f);
             if is_unavailable(&out) {
                 lease.discard();
             }
@@ -228,6 +232,15 @@ impl PgStore {
     fn on<T>(
         &self,
         lease: &mut Lease<'_>,
+        f: impl AsyncFnOnce(&mut Client) -> Result<T>,
+    ) -> Result<T> {
+        self.on_within(lease, OP_TIMEOUT, f)
+    }
+
+    /// `on`, bounded by `limit`.
+    fn on_within<T>(
+        &self,
+        lease: &mut Lease<'_>,
         limit: Duration,
         f: impl AsyncFnOnce(&mut Client) -> Result<T>,
     ) -> Result<T> {
@@ -237,7 +250,7 @@ impl PgStore {
                 f(client).await
             })
             .await
-            .unwrap_or_else(|_| Err(timed_out(limit)))
+            .unwrap_or_else(|_| Err(timed_out_after(limit)))
         })
     }
 

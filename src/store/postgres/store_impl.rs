@@ -166,7 +166,7 @@ impl Store for PgStore {
     /// connection is lost too).
     fn exclusive(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         let mut lease = self.pool.take()?;
-        let locked = self.on(&mut lease, OP_TIMEOUT, async |c| {
+        let locked = self.on(&mut lease, async |c| {
             c.execute("SELECT pg_advisory_lock($1)", &[&EXCLUSIVE_LOCK])
                 .await?;
             Ok(())
@@ -177,7 +177,7 @@ impl Store for PgStore {
         }
         locked?;
         let out = f();
-        let unlocked = self.on(&mut lease, OP_TIMEOUT, async |c| {
+        let unlocked = self.on(&mut lease, async |c| {
             c.execute("SELECT pg_advisory_unlock($1)", &[&EXCLUSIVE_LOCK])
                 .await?;
             Ok(())
