@@ -262,6 +262,7 @@ async fn revalidate(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>)
     let mut first_pass = Some(first_pass);
     let mut stopping = app.stopping.subscribe();
     let mut clock = app.clock_changed.subscribe();
+    let wake = app.keyring.aws_wake();
     loop {
         let settings = {
             let aws = &app.config.load().aws;
@@ -277,6 +278,8 @@ async fn revalidate(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>)
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
             _ = clock.changed() => {}
+            // A refusal recorded in the state was cleared: check again now.
+            _ = wake.notified() => {}
             _ = stopping.wait_for(|s| *s) => return,
         }
     }

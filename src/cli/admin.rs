@@ -207,7 +207,6 @@ impl Offline {
     /// user under the unit): the files it writes in the state and the token stay the
     /// daemon's, and the state is checked as the daemon checks it.
     fn open(config: &Config, state_dir: Option<PathBuf>, what: &str) -> anyhow::Result<Offline> {
-        use std::os::unix::fs::MetadataExt;
         if !nix::unistd::geteuid().is_root() {
             bail!("{what} must run as root");
         }
@@ -222,20 +221,7 @@ impl Offline {
         let pin = crate::hsm::read_pin(&config.hsm.pin_path()?)?;
         // The PostgreSQL password too is read as root.
         let opener = crate::store::Opener::new(config, state_dir)?;
-        // A state directory not made yet (no daemon has run) is made by store::open as root.
-        let owner = match std::fs::metadata(&dir) {
-            Ok(meta) => Some((meta.uid(), meta.gid())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => bail!("cannot read state directory {}: {e}", dir.display()),
-        };
-        if let Some((uid, gid)) = owner.filter(|(uid, _)| *uid != 0) {
-            use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
-            setgroups(&[])?;
-            setgid(Gid::from_raw(gid))?;
-            setuid(Uid::from_raw(uid))?;
-        }
-        // Secrets pass through this process: no core dumps, no ptrace by others.
-        crate::domain::secret::harden_process();
+        act_as_state_owner(&dir)?;
         let store = opener.open()?;
         let (hsm, thread) = crate::hsm::open_with(config, pin)?;
         crate::keyring::anchor::open(store.as_ref(), &hsm)?;
@@ -246,6 +232,28 @@ impl Offline {
             actor,
         })
     }
+}
+
+/// From root to the state directory's owner (the daemon's user under the unit), so that
+/// what an offline tool writes there and in the token stays the daemon's, and the state is
+/// checked as the daemon checks it; then hardened (secrets pass through the process). A
+/// state directory not made yet (no daemon has run) is made by `store::open` as root.
+pub(super) fn act_as_state_owner(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = match std::fs::metadata(dir) {
+        Ok(meta) => Some((meta.uid(), meta.gid())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => bail!("cannot read state directory {}: {e}", dir.display()),
+    };
+    if let Some((uid, gid)) = owner.filter(|(uid, _)| *uid != 0) {
+        use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+        setgroups(&[])?;
+        setgid(Gid::from_raw(gid))?;
+        setuid(Uid::from_raw(uid))?;
+    }
+    // Secrets pass through this process: no core dumps, no ptrace by others.
+    crate::domain::secret::harden_process();
+    Ok(())
 }
 
 fn totp_delete(

@@ -16,6 +16,7 @@ pub mod client;
 mod data;
 mod keys;
 pub mod rewrap;
+mod state;
 mod table;
 
 use admin::{totp_bootstrap, totp_enroll, totp_reset};
@@ -65,6 +66,11 @@ enum Cmd {
     Audit {
         #[command(subcommand)]
         cmd: AuditCmd,
+    },
+    /// The state itself, offline.
+    State {
+        #[command(subcommand)]
+        cmd: StateCmd,
     },
     /// Print a key's InCountry SDK secrets document.
     Secrets {
@@ -141,6 +147,22 @@ enum AuditCmd {
     /// daemon does, from the config). With --state-dir and no --config: the chain only.
     Verify {
         /// State directory (default: state.dir from the config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCmd {
+    /// Offline, as root, with the daemon stopped: copy this host's SQLite state (keys,
+    /// versions, settings, TOTP state, the audit chain) into the empty PostgreSQL database
+    /// [postgres] names, and check the copy (audit verify, every version unwraps). A second
+    /// run finds the identical copy and changes nothing.
+    Migrate {
+        /// Copy into PostgreSQL (`[postgres]` of the config).
+        #[arg(long, required = true)]
+        to_postgres: bool,
+        /// SQLite state directory (default: state.dir from the config).
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -257,6 +279,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Admin {
             cmd: AdminCmd::TotpReset { uid, state_dir },
         } => totp_reset(uid, state_dir, &config_path),
+        Cmd::State {
+            cmd: StateCmd::Migrate { state_dir, .. },
+        } => state::migrate(state_dir, &config_path, cli.json),
         Cmd::Admin {
             cmd:
                 AdminCmd::TotpEnroll {
@@ -353,6 +378,7 @@ async fn client_command(client: Client, cmd: Cmd, as_json: bool) -> anyhow::Resu
         Cmd::Serve
         | Cmd::CheckConfig
         | Cmd::Audit { .. }
+        | Cmd::State { .. }
         | Cmd::Admin {
             cmd: AdminCmd::TotpReset { .. },
         } => {

@@ -15,7 +15,7 @@ mod sync;
 mod tests;
 mod versions;
 
-pub use aws::{AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
+pub use aws::{recorded_refusals, AwsHealth, AwsProblem, AwsState, AwsStatus, RevalidateSettings};
 pub use counters::{CounterValues, RecordCounters, RecordEvent};
 pub use records::{Items, Op, Recorded, Sealed};
 pub use sync::Propagation;
@@ -72,6 +72,8 @@ impl Keyring {
                 .await
                 .map_err(|e| Error::internal(format!("state loader: {e}")))??
         };
+        // Before the keys are taken apart: the refusals the state records.
+        let aws_checks = aws::Checks::seeded(&stored);
         let mut keys = BTreeMap::new();
         for key in stored {
             let state = load::unwrap_key(&hsm, key).await?;
@@ -88,7 +90,7 @@ impl Keyring {
             changes,
             records: RecordCounters::default(),
             kms,
-            aws_checks: std::sync::Mutex::new(aws::Checks::default()),
+            aws_checks: std::sync::Mutex::new(aws_checks),
             propagation: std::sync::Mutex::new(Propagation {
                 last_delay_ms: None,
                 last_reload: Some(loaded_at),

@@ -21,10 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{load, Keyring};
+use super::{load, recorded_refusals, Keyring};
 use crate::domain::error::{Error, Result};
 use crate::domain::{KeyId, KeyState, VersionState};
-use crate::store::{StateEvent, Store, StoredKey, StoredVersion};
+use crate::store::{AwsRefusal, StateEvent, Store, StoredKey, StoredVersion};
 
 /// The first wait before a failed read of the state is tried again, doubled up to the
 /// reconcile interval.
@@ -142,13 +142,18 @@ impl Keyring {
             return Ok(true);
         }
         for (key, sent) in changed {
-            let _writer = self.writer.lock().await;
-            let learned = self.reload_locked(&key).await?;
+            let (learned, refusals) = {
+                let _writer = self.writer.lock().await;
+                self.reload_key(&key).await?
+            };
             if let (true, Some(sent)) = (learned, sent) {
                 let delay = (unix_ms() - sent).max(0) as u64;
                 self.propagated().last_delay_ms = Some(delay);
                 tracing::debug!(env = %key.env, country = %key.country, delay_ms = delay, "change from another node served");
             }
+            // Refusals of aws versions another node recorded (or cleared): outside the writer
+            // lock, which learning them takes itself.
+            self.learn_aws_state(&key, refusals).await;
         }
         Ok(false)
     }
@@ -159,7 +164,8 @@ impl Keyring {
         let stored = self.read_state(|s| s.load_all()).await?;
         let mut learned = 0;
         for key in stored {
-            learned += usize::from(self.absorb(key).await?);
+            // Refusals need nothing here: every revalidation pass reads them all.
+            learned += usize::from(self.absorb(key).await?.0);
         }
         self.propagated().last_reload = Some(self.now());
         match learned {
@@ -175,20 +181,26 @@ impl Keyring {
     /// Reads one key again and publishes it if it changed; whether it did. Called with the
     /// writer lock held.
     pub(super) async fn reload_locked(&self, id: &KeyId) -> Result<bool> {
+        Ok(self.reload_key(id).await?.0)
+    }
+
+    /// `reload_locked`, with the aws refusals the state records for the key.
+    async fn reload_key(&self, id: &KeyId) -> Result<(bool, Vec<(u32, AwsRefusal)>)> {
         let id2 = id.clone();
         match self.read_state(move |s| s.load_key(&id2)).await? {
             Some(key) => self.absorb(key).await,
             // Keys are never removed: one the state lacks was never committed.
-            None => Ok(false),
+            None => Ok((false, Vec::new())),
         }
     }
 
     /// Publishes a key as the state has it, unwrapping only the versions this node lacks;
     /// whether anything changed. Called with the writer lock held.
-    async fn absorb(&self, stored: StoredKey) -> Result<bool> {
+    async fn absorb(&self, stored: StoredKey) -> Result<(bool, Vec<(u32, AwsRefusal)>)> {
+        let refusals = recorded_refusals(&stored);
         let current = self.current.load().keys.get(&stored.id).cloned();
         let key = match current {
-            Some(cur) if same(&cur, &stored) => return Ok(false),
+            Some(cur) if same(&cur, &stored) => return Ok((false, refusals)),
             // New here, or without its root key so far: the whole key, loudly if it still
             // cannot be unwrapped.
             None => load::unwrap_key(&self.hsm, stored).await?,
@@ -198,7 +210,7 @@ impl Keyring {
             Some(cur) => self.merge(&cur, stored).await?,
         };
         self.publish(key);
-        Ok(true)
+        Ok((true, refusals))
     }
 
     /// `stored` with the material of the versions `cur` has loaded, and the others

@@ -186,6 +186,7 @@ impl Keyring {
                     cmk_arn: aws.cmk_arn.clone(),
                     access_key_id: aws.access_key_id.clone(),
                     check: Some(check),
+                    refusal: None,
                 };
                 (
                     key,

@@ -6,6 +6,12 @@
 // Test code (unit tests, test-clock builds): a failed expectation panics.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+mod copy;
+
+pub use copy::{
+    a_state_copies_whole_into_an_empty_one, aws_refusals_are_recorded_kept_and_cleared,
+};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -124,6 +130,7 @@ pub fn aws_versions_keep_their_kms_details_and_seals(b: &dyn Backend) {
                 iv: [9; 12],
                 sealed: vec![8; 24],
             }),
+            refusal: None,
         }),
         ..managed(1)
     };

@@ -22,7 +22,7 @@ use std::time::Duration;
 use crate::config::{Config, StateBackend};
 
 use crate::domain::audit::anchor::StateHead;
-use crate::domain::audit::{AuditEntry, AuditRecord};
+use crate::domain::audit::{AuditEntry, AuditRecord, Reader};
 use crate::domain::error::Result;
 use crate::domain::KeyId;
 
@@ -30,8 +30,8 @@ pub use leader::{Leadership, Lease};
 pub use postgres::{PgConnect, PgStore, CHANGES_CHANNEL};
 pub use sqlite::{SqliteStore, DB_FILE};
 pub use types::{
-    ChangeFeed, SealedCheck, StateEvent, StoredAws, StoredAwsSeals, StoredKey, StoredTotp,
-    StoredVersion, TotpLimits,
+    AwsRefusal, ChangeFeed, CopiedAttempts, CopiedTotp, SealedCheck, StateCopy, StateEvent,
+    StoredAws, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits,
 };
 
 /// Everything the daemon persists. Each method that changes the state is one transaction:
@@ -78,6 +78,20 @@ pub trait Store: Send + Sync + 'static {
     /// The sealed IAM secret and the sealed key check of an aws version, as stored now
     /// (`None`: no such aws version).
     fn aws_seals(&self, id: &KeyId, version: u32) -> Result<Option<StoredAwsSeals>>;
+    /// Records that a node's check refused aws version `version` of `id` (`Some`: KMS
+    /// refused, or the key failed its key check), or that a check decrypted it again
+    /// (`None`), so that every node withdraws or restores it (`load_all`, `load_key` and
+    /// `aws_refusals` return it). A refusal already recorded is left as it is. Whether the
+    /// state changed (a change is notified like any change to the key); `version_not_found`
+    /// for a version the state lacks (or that is not aws).
+    fn set_aws_refusal(
+        &self,
+        id: &KeyId,
+        version: u32,
+        refusal: Option<&AwsRefusal>,
+    ) -> Result<bool>;
+    /// Every recorded refusal, by key and version.
+    fn aws_refusals(&self) -> Result<Vec<(KeyId, u32, AwsRefusal)>>;
 
     /// Records encrypted under a version, as stored (at least as many as were made: see
     /// `keyring::ledger`). 0 for a version the state does not have.
@@ -136,6 +150,15 @@ pub trait Store: Send + Sync + 'static {
     fn audit_hash_at(&self, seq: i64) -> Result<Option<String>>;
     /// Whether any audit entry carries a MAC.
     fn audit_has_macs(&self) -> Result<bool>;
+
+    /// Everything but the audit log, read as of one moment (`state migrate`).
+    fn export(&self) -> Result<StateCopy>;
+    /// Writes `copy`, and the audit records `audit` reads, into this state in one
+    /// transaction: records as they are (sequence, hashes, MACs), nothing appended, no seal
+    /// needed. Refused (`version_conflict`) unless the state is empty: no keys, TOTP rows
+    /// or audit entries. A record without a MAC is refused where the backend needs one
+    /// (PostgreSQL).
+    fn import(&self, copy: &StateCopy, audit: Reader<'_>) -> Result<()>;
 
     /// Whether the HSM anchor can follow this state's head: true when this process is its
     /// only writer (SQLite, under its lock); false for a state several nodes write

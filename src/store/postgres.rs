@@ -9,6 +9,7 @@
 
 mod audit_log;
 mod block;
+mod copy;
 mod keys;
 mod lease;
 mod listen;
@@ -22,6 +23,7 @@ use std::cell::Cell;
 use std::ops::Deref;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::runtime::{Handle, Runtime};
@@ -128,12 +130,13 @@ fn col<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
 }
 
 fn timed_out() -> Error {
+    timed_out_after(OP_TIMEOUT)
+}
+
+fn timed_out_after(limit: Duration) -> Error {
     Error::unavailable(
         Code::StateUnavailable,
-        format!(
-            "PostgreSQL did not answer within {} s",
-            OP_TIMEOUT.as_secs()
-        ),
+        format!("PostgreSQL did not answer within {} s", limit.as_secs()),
     )
 }
 
@@ -217,8 +220,17 @@ impl PgStore {
     /// failed on for a reason of the database is closed. Tracks whether the database
     /// answers.
     fn run<T>(&self, f: impl AsyncFnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        self.run_within(OP_TIMEOUT, f)
+    }
+
+    /// `run`, bounded by `limit` instead (a whole state copied in one transaction).
+    fn run_within<T>(
+        &self,
+        limit: Duration,
+        f: impl AsyncFnOnce(&mut Client) -> Result<T>,
+    ) -> Result<T> {
         let result = self.pool.take().and_then(|mut lease| {
-            let out = self.on(&mut lease, f);
+            let out = self.on_within(&mut lease, limit, f);
             if is_unavailable(&out) {
                 lease.discard();
             }
@@ -233,13 +245,23 @@ impl PgStore {
         lease: &mut Lease<'_>,
         f: impl AsyncFnOnce(&mut Client) -> Result<T>,
     ) -> Result<T> {
+        self.on_within(lease, OP_TIMEOUT, f)
+    }
+
+    /// `on`, bounded by `limit`.
+    fn on_within<T>(
+        &self,
+        lease: &mut Lease<'_>,
+        limit: Duration,
+        f: impl AsyncFnOnce(&mut Client) -> Result<T>,
+    ) -> Result<T> {
         block_on(&self.handle, async {
-            tokio::time::timeout(OP_TIMEOUT, async {
+            tokio::time::timeout(limit, async {
                 let client = lease.client().await?;
                 f(client).await
             })
             .await
-            .unwrap_or_else(|_| Err(timed_out()))
+            .unwrap_or_else(|_| Err(timed_out_after(limit)))
         })
     }
 
@@ -280,13 +302,22 @@ impl PgStore {
     /// a commit that appended audit entries, the seal is told (with the connection back in
     /// the pool).
     fn write<T>(&self, f: impl AsyncFnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        self.write_within(OP_TIMEOUT, f)
+    }
+
+    /// `write`, bounded by `limit`.
+    fn write_within<T>(
+        &self,
+        limit: Duration,
+        f: impl AsyncFnOnce(&Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
         if self.read_only {
             return Err(Error::internal(
                 "the state is open read-only here: this tool does not change it",
             ));
         }
         let seal = self.audit_seal();
-        let (out, sealed_by) = self.run(async move |client| {
+        let (out, sealed_by) = self.run_within(limit, async move |client| {
             let tx = Tx {
                 tx: client.transaction().await?,
                 seal,

@@ -2,6 +2,7 @@
 //! [`Store`]. Each change is one immediate transaction on the one connection.
 
 mod audit_log;
+mod copy;
 mod files;
 mod keys;
 mod schema;
@@ -16,9 +17,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{AuditSeal, Store, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion, TotpLimits};
+use super::{
+    AuditSeal, AwsRefusal, StateCopy, Store, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion,
+    TotpLimits,
+};
 use crate::domain::audit::anchor::StateHead;
-use crate::domain::audit::{AuditEntry, AuditRecord};
+use crate::domain::audit::{AuditEntry, AuditRecord, Reader};
 use crate::domain::error::{Error, Result};
 use crate::domain::{Code, KeyId};
 
@@ -197,6 +201,19 @@ impl Store for SqliteStore {
         keys::aws_seals(&self.conn(), id, version)
     }
 
+    fn set_aws_refusal(
+        &self,
+        id: &KeyId,
+        version: u32,
+        refusal: Option<&AwsRefusal>,
+    ) -> Result<bool> {
+        self.write(|tx| keys::set_aws_refusal(tx, id, version, refusal))
+    }
+
+    fn aws_refusals(&self) -> Result<Vec<(KeyId, u32, AwsRefusal)>> {
+        keys::aws_refusals(&self.conn())
+    }
+
     fn encryptions(&self, id: &KeyId, version: u32) -> Result<u64> {
         keys::encryptions(&self.conn(), id, version)
     }
@@ -279,6 +296,14 @@ impl Store for SqliteStore {
 
     fn audit_has_macs(&self) -> Result<bool> {
         audit_log::has_macs(&self.conn())
+    }
+
+    fn export(&self) -> Result<StateCopy> {
+        copy::export(&self.conn())
+    }
+
+    fn import(&self, state: &StateCopy, audit: Reader<'_>) -> Result<()> {
+        self.write(|tx| copy::import(tx, state, audit))
     }
 
     /// This process holds the state lock: the anchor follows every change.

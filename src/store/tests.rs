@@ -33,4 +33,11 @@ on_sqlite!(
     counts_before_the_check_locks_at_five_and_survives_a_reopen,
     abandoned_checks_count_and_withdrawn_ones_do_not,
     secrets_used_steps_and_failures_persist_until_a_reset,
+    aws_refusals_are_recorded_kept_and_cleared,
 );
+
+#[test]
+fn a_state_copies_whole_into_an_empty_one() {
+    let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    conformance::a_state_copies_whole_into_an_empty_one(&Sqlite(from), &Sqlite(to));
+}

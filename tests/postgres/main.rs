@@ -12,6 +12,9 @@
 //! - `outage`: PostgreSQL stopped and started under three daemons; the periodic reload;
 //! - `shared_limits`: verification codes and the daily limit across nodes.
 //! - `leader`: one rotator among three daemons (the lease), and its take-over.
+//! - `migrate`: `state migrate --to-postgres`, a SQLite host's state moved over;
+//! - `aws`: a customer-supplied key refused by KMS on one node is withdrawn on every node
+//!   (moto's KMS, `harness::moto`).
 //!
 //! `store` and `nodes` use the crate's test doubles, built with the test-clock feature.
 
@@ -22,7 +25,9 @@ mod nodes;
 #[cfg(feature = "test-clock")]
 mod store;
 
+mod aws;
 mod daemon;
+mod migrate;
 mod outage;
 mod propagation;
 mod shared_limits;

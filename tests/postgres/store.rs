@@ -43,4 +43,23 @@ on_postgres!(
     counts_before_the_check_locks_at_five_and_survives_a_reopen,
     abandoned_checks_count_and_withdrawn_ones_do_not,
     secrets_used_steps_and_failures_persist_until_a_reset,
+    aws_refusals_are_recorded_kept_and_cleared,
 );
+
+/// A SQLite state in a temp dir (the source of a migration).
+struct Sqlite(tempfile::TempDir);
+
+impl Backend for Sqlite {
+    fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
+        incountry_keyd::store::open(self.0.path())
+    }
+    fn open_read_only(&self) -> anyhow::Result<Arc<dyn Store>> {
+        incountry_keyd::store::open_read_only(self.0.path())
+    }
+}
+
+#[test]
+fn a_sqlite_state_copies_whole_into_an_empty_postgres_one() {
+    let from = Sqlite(tempfile::tempdir().unwrap());
+    conformance::a_state_copies_whole_into_an_empty_one(&from, &fresh());
+}

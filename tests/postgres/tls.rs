@@ -27,7 +27,7 @@ fn tls_to_a_tcp_host_verifies_the_certificate_and_its_name() {
     let ca = pg.enable_tls();
     over_tcp(&pg, &db, "localhost", &ca).unwrap();
     // The migrations ran over TLS (the server admits TCP logins over TLS only).
-    assert_eq!(pg.sql(&db, "SELECT version FROM keyd_schema"), "1");
+    assert_eq!(pg.sql(&db, "SELECT version > 0 FROM keyd_schema"), "t");
     // A certificate from another CA is refused.
     let other = make_ca(pg.tmp.path(), "other");
     let e = format!("{:#}", over_tcp(&pg, &db, "localhost", &other).unwrap_err());

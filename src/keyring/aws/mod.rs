@@ -24,6 +24,7 @@
 
 mod check;
 mod revalidate;
+mod shared;
 #[cfg(test)]
 mod tests;
 
@@ -48,6 +49,7 @@ use crate::kms::{AwsKeyRef, KmsError};
 use crate::store::StoredAws;
 
 pub(super) use self::check::mark_checked;
+pub use self::shared::recorded_refusals;
 pub use crate::domain::aws::{AwsHealth, AwsProblem, AwsState, AwsStatus};
 
 /// The code of a version whose data key or KMS parameters are not those it was registered
@@ -66,6 +68,24 @@ pub(super) fn later(from: Instant, d: Duration) -> Instant {
 struct Refusal {
     code: Code,
     why: String,
+    /// Learned from the state (another node's check, or this one's before a restart), not
+    /// seen by this node's own check since.
+    learned: bool,
+}
+
+/// What a version's error says while it is refused (by KMS, or its key check).
+fn refused_message(code: Code, why: &str, learned: bool) -> String {
+    let said = if code == MISMATCH_CODE {
+        format!("key check failed ({code}): {why}; not served")
+    } else {
+        format!("revoked: {why}")
+    };
+    match learned {
+        false => said,
+        true => format!(
+            "{said} (a refusal recorded in the state; withdrawn here until KMS decrypts it again)"
+        ),
+    }
 }
 
 /// Revalidation state of one aws version.
@@ -80,11 +100,31 @@ pub(super) struct Check {
     /// Set while the version is unavailable because its last success is too old.
     stale: bool,
     due: Instant,
+    /// Whether the state holds a refusal of this version, as far as this node knows (read
+    /// at load and in each pass, or written by this node).
+    recorded: bool,
+}
+
+impl Check {
+    fn new(due: Instant) -> Check {
+        Check {
+            last_success: None,
+            failures: 0,
+            transient: None,
+            rejected: None,
+            stale: false,
+            due,
+            recorded: false,
+        }
+    }
 }
 
 #[derive(Default)]
 pub(super) struct Checks {
     map: BTreeMap<(KeyId, u32), Check>,
+    /// Wakes the revalidation loop when a version should be checked at once (a refusal
+    /// another node recorded was cleared).
+    wake: Arc<tokio::sync::Notify>,
     /// Each version's key check, read and opened once per run (the KMS fields in memory
     /// are those loaded at start).
     bindings: BTreeMap<(KeyId, u32), Arc<Binding>>,
@@ -101,6 +141,8 @@ pub struct RevalidateSettings {
 
 /// One aws version read from state: its IAM secret opened by the HSM. The data key comes
 /// later, from KMS.
+/// A refusal recorded in the state withdraws the version from the start (its first KMS
+/// check may restore it).
 pub(super) fn load_version(
     id: &KeyId,
     version: u32,
@@ -145,7 +187,11 @@ pub(super) fn load_version(
         access_key_id: stored.access_key_id,
         secret_access_key: secret,
     };
-    Ok((Availability::AwaitingFirstCheck, Some(Arc::new(aws))))
+    let availability = match &stored.refusal {
+        Some(r) => Availability::Unavailable(refused_message(r.code, &r.why, true)),
+        None => Availability::AwaitingFirstCheck,
+    };
+    Ok((availability, Some(Arc::new(aws))))
 }
 
 impl Keyring {
@@ -196,17 +242,9 @@ impl Keyring {
     pub(super) fn record_registration(&self, id: &KeyId, version: u32, now: i64) {
         let mut checks = self.checks();
         let interval = checks.interval.unwrap_or(Duration::from_secs(15 * 60));
-        checks.map.insert(
-            (id.clone(), version),
-            Check {
-                last_success: Some(now),
-                failures: 0,
-                transient: None,
-                rejected: None,
-                stale: false,
-                due: later(Instant::now(), interval),
-            },
-        );
+        let mut check = Check::new(later(Instant::now(), interval));
+        check.last_success = Some(now);
+        checks.map.insert((id.clone(), version), check);
     }
 
     /// Revalidation state for health.

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::check::Binding;
-use super::{later, Check, Refusal, RevalidateSettings, MISMATCH_CODE};
+use super::{later, refused_message, Check, Refusal, RevalidateSettings, MISMATCH_CODE};
 use crate::domain::audit::Actor;
 use crate::domain::audit::AuditOutcome;
 use crate::domain::clock::rfc3339;
@@ -53,6 +53,11 @@ impl Keyring {
     /// Checks every aws version that is due (all of them on the first call) with KMS,
     /// publishes what changed, and returns when the next check is due.
     pub async fn revalidate_due(&self, settings: RevalidateSettings) -> Instant {
+        // First what the state says other nodes saw (or cleared).
+        let learned = self.learn_recorded().await;
+        if !learned.is_empty() {
+            self.publish_materials(learned, false).await;
+        }
         let started = Instant::now();
         let snap = self.snapshot();
         let due: Vec<(KeyId, u32, Arc<AwsKeyRef>)> = {
@@ -92,10 +97,12 @@ impl Keyring {
             let changes = self.decide(results, settings);
             let changed = changes.len();
             if !changes.is_empty() {
-                self.publish_materials(changes).await;
+                self.publish_materials(changes, true).await;
             }
             tracing::debug!(checked, changed, "KMS revalidation pass");
         }
+        // Then what this node saw, for the others.
+        self.record_outcomes().await;
         let checks = self.checks();
         let next = checks
             .map
@@ -155,14 +162,10 @@ impl Keyring {
             let Some(current) = snap.keys.get(&id).and_then(|k| k.version(n)) else {
                 continue;
             };
-            let check = checks.map.entry((id.clone(), n)).or_insert_with(|| Check {
-                last_success: None,
-                failures: 0,
-                transient: None,
-                rejected: None,
-                stale: false,
-                due: Instant::now(),
-            });
+            let check = checks
+                .map
+                .entry((id.clone(), n))
+                .or_insert_with(|| Check::new(Instant::now()));
             let outcome = judge_one(&id, n, current.key(), check, result, now, settings);
             if let Decision::Becomes(m) = outcome {
                 changes.push((id, n, m));
@@ -172,8 +175,14 @@ impl Keyring {
     }
 
     /// Swaps in new material for some versions, under the writer lock (so no concurrent
-    /// add_version publishes a key built from an older snapshot).
-    async fn publish_materials(&self, changes: Vec<(KeyId, u32, Availability)>) {
+    /// add_version publishes a key built from an older snapshot). `audited`: what this
+    /// node's checks decided (what it learned from the state, the node that recorded it
+    /// audited).
+    pub(super) async fn publish_materials(
+        &self,
+        changes: Vec<(KeyId, u32, Availability)>,
+        audited: bool,
+    ) {
         let _writer = self.writer.lock().await;
         let mut by_key: BTreeMap<KeyId, Vec<(u32, Availability)>> = BTreeMap::new();
         for (id, n, m) in changes {
@@ -207,6 +216,9 @@ impl Keyring {
                 }
             }
             self.publish(key.with_availability(changes));
+        }
+        if !audited {
+            return;
         }
         for entry in audits {
             self.audit(entry).await;
@@ -325,26 +337,29 @@ fn refuse(
     check.transient = None;
     check.stale = false;
     check.due = later(Instant::now(), settings.interval);
+    // Said once per cause by this node's own checks (a refusal learned from the state is
+    // said again when this node sees it too).
     let repeated = check
         .rejected
         .as_ref()
-        .is_some_and(|r| r.code == code && r.why == why);
+        .is_some_and(|r| r.code == code && r.why == why && !r.learned);
     check.rejected = Some(Refusal {
         code,
         why: why.clone(),
+        learned: false,
     });
     if repeated && cached.is_none() {
         return Decision::Unchanged;
     }
     let (env, country) = (&id.env, &id.country);
-    let msg = if code == MISMATCH_CODE {
+    if code == MISMATCH_CODE {
         tracing::error!(%env, %country, version = n, %code,
             "customer-supplied key is not served: it fails its key check: {why}");
-        format!("key check failed ({code}): {why}; not served")
     } else {
         tracing::error!(%env, %country, version = n, %code,
             "customer-supplied key is no longer served: KMS refuses to decrypt it: {why}");
-        format!("revoked: {why}")
-    };
-    Decision::Becomes(Availability::Unavailable(msg))
+    }
+    Decision::Becomes(Availability::Unavailable(refused_message(
+        code, &why, false,
+    )))
 }

@@ -1,6 +1,7 @@
 //! Unit tests of aws versions: backoff, key checks and bindings, loading, judging KMS answers.
 
 mod revalidation;
+mod shared;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +143,7 @@ fn the_mark_is_taken_off_the_loaded_secret() {
         cmk_arn: "a".into(),
         access_key_id: "k".into(),
         check: None,
+        refusal: None,
     };
     let secret = Zeroizing::new("wJalrXUtnFEMI/K7MDENG".to_string());
     let marked = mark_checked(&secret);
@@ -155,14 +157,7 @@ fn the_mark_is_taken_off_the_loaded_secret() {
 }
 
 fn check() -> Check {
-    Check {
-        last_success: None,
-        failures: 0,
-        transient: None,
-        rejected: None,
-        stale: false,
-        due: Instant::now(),
-    }
+    Check::new(Instant::now())
 }
 
 const SETTINGS: RevalidateSettings = RevalidateSettings {

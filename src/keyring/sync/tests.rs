@@ -117,6 +117,27 @@ impl Store for Shared {
     fn exclusive(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         self.inner.exclusive(f)
     }
+    fn set_aws_refusal(
+        &self,
+        id: &KeyId,
+        version: u32,
+        refusal: Option<&crate::store::AwsRefusal>,
+    ) -> Result<bool> {
+        self.inner.set_aws_refusal(id, version, refusal)
+    }
+    fn aws_refusals(&self) -> Result<Vec<(KeyId, u32, crate::store::AwsRefusal)>> {
+        self.inner.aws_refusals()
+    }
+    fn export(&self) -> Result<crate::store::StateCopy> {
+        self.inner.export()
+    }
+    fn import(
+        &self,
+        copy: &crate::store::StateCopy,
+        audit: crate::domain::audit::Reader<'_>,
+    ) -> Result<()> {
+        self.inner.import(copy, audit)
+    }
     fn leadership(&self, lease: std::time::Duration) -> crate::store::Leadership {
         self.inner.leadership(lease)
     }

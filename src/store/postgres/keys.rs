@@ -12,13 +12,13 @@ use tokio_postgres::{GenericClient, Row};
 use super::{col, Tx, CHANGES_CHANNEL};
 use crate::domain::error::{Error, Result};
 use crate::domain::{Code, Initiator, KeyId, VersionType};
-use crate::store::types::sealed_check;
-use crate::store::{StoredAws, StoredAwsSeals, StoredKey, StoredVersion};
+use crate::store::types::{refusal, sealed_check};
+use crate::store::{AwsRefusal, StoredAws, StoredAwsSeals, StoredKey, StoredVersion};
 
 const KEY_COLUMNS: &str =
     "SELECT id, environment, country, rotation_period_days, created FROM keys";
-/// A version's columns, then its key's row id (column 12).
-const VERSION_COLUMNS: &str = "SELECT version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check, key_id FROM versions";
+/// A version's columns, then its key's row id (column 12), then its aws refusal (13-15).
+const VERSION_COLUMNS: &str = "SELECT version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check, key_id, aws_refused_code, aws_refused_why, aws_refused_at FROM versions";
 
 /// Every key with its versions. Called in a repeatable-read transaction: keys and versions
 /// as of one moment.
@@ -61,7 +61,7 @@ pub(super) async fn load_key(c: &impl GenericClient, id: &KeyId) -> Result<Optio
     stored_key(&row, versions).map(Some)
 }
 
-fn stored_key(row: &Row, versions: Vec<Row>) -> Result<StoredKey> {
+pub(super) fn stored_key(row: &Row, versions: Vec<Row>) -> Result<StoredKey> {
     let (env, country): (String, String) = (col(row, 1)?, col(row, 2)?);
     let id = KeyId::parse(&env, &country)
         .map_err(|_| Error::integrity(format!("invalid key name {env}/{country} in state")))?;
@@ -94,6 +94,7 @@ fn stored_version(id: &KeyId, r: &Row) -> Result<StoredVersion> {
                     cmk_arn,
                     access_key_id,
                     check: sealed_check((col(r, 10)?, col(r, 11)?)),
+                    refusal: refusal(col(r, 13)?, col(r, 14)?, col(r, 15)?),
                 })
             }
             _ => {
@@ -120,7 +121,7 @@ fn stored_version(id: &KeyId, r: &Row) -> Result<StoredVersion> {
 }
 
 /// A stored version number as the domain's.
-fn number(id: &KeyId, n: i64) -> Result<u32> {
+pub(super) fn number(id: &KeyId, n: i64) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::integrity(format!("{id}: version number {n} in state")))
 }
 
@@ -208,6 +209,77 @@ pub(super) async fn add_version(
         other => other?,
     };
     Ok(())
+}
+
+/// Records or clears an aws version's refusal (a recorded one is kept as it is), and tells
+/// every node when that changed the state.
+pub(super) async fn set_aws_refusal(
+    tx: &Tx<'_>,
+    id: &KeyId,
+    version: u32,
+    r: Option<&AwsRefusal>,
+) -> Result<bool> {
+    let is_aws = tx
+        .query_opt(
+            "SELECT v.type = 'aws' FROM versions v JOIN keys k ON k.id = v.key_id
+             WHERE k.environment = $1 AND k.country = $2 AND v.version = $3",
+            &[&id.env, &id.country, &i64::from(version)],
+        )
+        .await?
+        .map(|row| col::<bool>(&row, 0))
+        .transpose()?;
+    if is_aws != Some(true) {
+        return Err(Error::not_found(
+            Code::VersionNotFound,
+            format!("{id} has no aws version {version}"),
+        ));
+    }
+    let n = match r {
+        Some(r) => {
+            tx.execute(
+                "UPDATE versions SET aws_refused_code = $4, aws_refused_why = $5, aws_refused_at = $6
+                 WHERE version = $3 AND aws_refused_code IS NULL
+                   AND key_id = (SELECT id FROM keys WHERE environment = $1 AND country = $2)",
+                &[&id.env, &id.country, &i64::from(version), &r.code.as_str(), &r.why, &r.at],
+            )
+            .await?
+        }
+        None => {
+            tx.execute(
+                "UPDATE versions SET aws_refused_code = NULL, aws_refused_why = NULL, aws_refused_at = NULL
+                 WHERE version = $3 AND aws_refused_code IS NOT NULL
+                   AND key_id = (SELECT id FROM keys WHERE environment = $1 AND country = $2)",
+                &[&id.env, &id.country, &i64::from(version)],
+            )
+            .await?
+        }
+    };
+    if n == 1 {
+        notify(tx, id).await?;
+    }
+    Ok(n == 1)
+}
+
+pub(super) async fn aws_refusals(c: &impl GenericClient) -> Result<Vec<(KeyId, u32, AwsRefusal)>> {
+    let rows = c
+        .query(
+            "SELECT k.environment, k.country, v.version, v.aws_refused_code, v.aws_refused_why, v.aws_refused_at
+             FROM versions v JOIN keys k ON k.id = v.key_id
+             WHERE v.aws_refused_code IS NOT NULL ORDER BY k.environment, k.country, v.version",
+            &[],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (env, country): (String, String) = (col(&row, 0)?, col(&row, 1)?);
+        let id = KeyId::parse(&env, &country)
+            .map_err(|_| Error::integrity(format!("invalid key name {env}/{country} in state")))?;
+        let version = number(&id, col(&row, 2)?)?;
+        if let Some(r) = refusal(col(&row, 3)?, col(&row, 4)?, col(&row, 5)?) {
+            out.push((id, version, r));
+        }
+    }
+    Ok(out)
 }
 
 /// Tells every node listening that `id` changed: `ENV/COUNTRY` and the database's time in

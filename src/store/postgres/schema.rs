@@ -11,9 +11,11 @@ use crate::domain::audit;
 const MIGRATION_LOCK: i64 = 0x6b65_7964_0000_0001;
 
 /// Migrations, applied in order; `keyd_schema.version` records how many ran. The first is
-/// the SQLite schema as it stands (its seven migrations), plus `audit_head`: the chain's
+/// the SQLite schema as it stood at its seventh migration, plus `audit_head`: the chain's
 /// head as one row that appends lock, so that entries from several nodes form one chain.
-const MIGRATIONS: &[&str] = &["
+/// The second is SQLite's eighth (aws refusals).
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE keys (
         id BIGSERIAL PRIMARY KEY,
         environment TEXT NOT NULL,
@@ -75,7 +77,15 @@ const MIGRATIONS: &[&str] = &["
         window_start BIGINT NOT NULL,
         locked_until BIGINT NOT NULL
     );
-"];
+",
+    "
+    -- A refusal of an aws version a node's KMS check saw (code, message, when), so that
+    -- every node withdraws it; cleared by a successful check on any node.
+    ALTER TABLE versions ADD COLUMN aws_refused_code TEXT;
+    ALTER TABLE versions ADD COLUMN aws_refused_why TEXT;
+    ALTER TABLE versions ADD COLUMN aws_refused_at BIGINT;
+",
+];
 
 /// Brings the schema up to date (the daemon and the offline admin tools).
 pub(super) async fn migrate(client: &mut Client) -> anyhow::Result<()> {

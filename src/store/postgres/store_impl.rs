@@ -4,15 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{audit_log, keys, lease, listen, totp, PgStore, EXCLUSIVE_LOCK};
+use super::pool::OP_TIMEOUT;
+use super::{audit_log, copy, keys, lease, listen, totp, PgStore, EXCLUSIVE_LOCK};
 use crate::domain::audit::anchor::StateHead;
-use crate::domain::audit::{AuditEntry, AuditRecord};
+use crate::domain::audit::{AuditEntry, AuditRecord, Reader};
 use crate::domain::error::Result;
 use crate::domain::KeyId;
 use crate::store::{
-    AuditSeal, ChangeFeed, Leadership, Store, StoredAwsSeals, StoredKey, StoredTotp, StoredVersion,
-    TotpLimits,
+    AuditSeal, AwsRefusal, ChangeFeed, Leadership, StateCopy, Store, StoredAwsSeals, StoredKey,
+    StoredTotp, StoredVersion, TotpLimits,
 };
+
+/// How long copying a whole state into the database may take (`state migrate`).
+const IMPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Store for PgStore {
     fn load_all(&self) -> Result<Vec<StoredKey>> {
@@ -47,6 +51,19 @@ impl Store for PgStore {
 
     fn aws_seals(&self, id: &KeyId, version: u32) -> Result<Option<StoredAwsSeals>> {
         self.run(async |c| keys::aws_seals(c, id, version).await)
+    }
+
+    fn set_aws_refusal(
+        &self,
+        id: &KeyId,
+        version: u32,
+        refusal: Option<&AwsRefusal>,
+    ) -> Result<bool> {
+        self.write(async |tx| keys::set_aws_refusal(tx, id, version, refusal).await)
+    }
+
+    fn aws_refusals(&self) -> Result<Vec<(KeyId, u32, AwsRefusal)>> {
+        self.run(async |c| keys::aws_refusals(c).await)
     }
 
     fn encryptions(&self, id: &KeyId, version: u32) -> Result<u64> {
@@ -131,6 +148,16 @@ impl Store for PgStore {
 
     fn audit_has_macs(&self) -> Result<bool> {
         self.run(async |c| audit_log::has_macs(c).await)
+    }
+
+    fn export(&self) -> Result<StateCopy> {
+        self.snapshot(async |tx| copy::export(tx).await)
+    }
+
+    fn import(&self, state: &StateCopy, audit: Reader<'_>) -> Result<()> {
+        self.write_within(IMPORT_TIMEOUT.max(OP_TIMEOUT), async |tx| {
+            copy::import(tx, state, audit).await
+        })
     }
 
     /// Several nodes write this state: the HSM anchor cannot follow its head.

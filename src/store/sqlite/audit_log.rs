@@ -28,6 +28,13 @@ pub(super) fn append(tx: &Tx<'_>, e: &AuditEntry) -> Result<()> {
         .unwrap_or((0, audit::GENESIS.to_string()));
     let mut record = AuditRecord::chain(last_seq + 1, e.clone(), prev);
     record.mac = Some(seal.mac(&record.hash)?);
+    insert(tx, &record)?;
+    tx.appended.set(true);
+    Ok(())
+}
+
+/// Writes a record as it is (appends, and copies of another state's log).
+pub(super) fn insert(tx: &Tx<'_>, record: &AuditRecord) -> Result<()> {
     tx.execute(
         "INSERT INTO audit (seq, time, actor, uid, gid, pid, action, environment, country, version, outcome, detail, prev_hash, hash, mac)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
@@ -49,7 +56,6 @@ pub(super) fn append(tx: &Tx<'_>, e: &AuditEntry) -> Result<()> {
             record.mac,
         ],
     )?;
-    tx.appended.set(true);
     Ok(())
 }
 

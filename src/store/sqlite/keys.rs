@@ -6,8 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::Tx;
 use crate::domain::error::{Error, Result};
 use crate::domain::{Code, Initiator, KeyId, VersionType};
-use crate::store::types::sealed_check;
-use crate::store::{StoredAws, StoredAwsSeals, StoredKey, StoredVersion};
+use crate::store::types::{refusal, sealed_check};
+use crate::store::{AwsRefusal, StoredAws, StoredAwsSeals, StoredKey, StoredVersion};
 
 const KEY_COLUMNS: &str =
     "SELECT id, environment, country, rotation_period_days, created FROM keys";
@@ -48,7 +48,7 @@ fn with_versions(
     let id = KeyId::parse(&env, &country)
         .map_err(|_| Error::integrity(format!("invalid key name {env}/{country} in state")))?;
     let mut ver_stmt = conn.prepare_cached(
-        "SELECT version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check FROM versions WHERE key_id = ?1 ORDER BY version",
+        "SELECT version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check, aws_refused_code, aws_refused_why, aws_refused_at FROM versions WHERE key_id = ?1 ORDER BY version",
     )?;
     let versions = ver_stmt
         .query_map([rowid], |r| {
@@ -68,6 +68,7 @@ fn with_versions(
                         r.get::<_, Option<Vec<u8>>>(10)?,
                         r.get::<_, Option<Vec<u8>>>(11)?,
                     ),
+                    refusal(r.get(12)?, r.get(13)?, r.get(14)?),
                 ),
             ))
         })?
@@ -79,13 +80,21 @@ fn with_versions(
                 (VersionType::Managed, _) => None,
                 (
                     VersionType::Aws,
-                    (Some(region), Some(encrypted_key), Some(cmk_arn), Some(access_key_id), check),
+                    (
+                        Some(region),
+                        Some(encrypted_key),
+                        Some(cmk_arn),
+                        Some(access_key_id),
+                        check,
+                        refusal,
+                    ),
                 ) => Some(StoredAws {
                     region,
                     encrypted_key,
                     cmk_arn,
                     access_key_id,
                     check: sealed_check(check),
+                    refusal,
                 }),
                 (VersionType::Aws, _) => {
                     return Err(Error::integrity(format!(
@@ -268,4 +277,69 @@ pub(super) fn set_rotation_period(tx: &Tx<'_>, id: &KeyId, days: Option<u32>) ->
         return Err(Error::not_found(Code::KeyNotFound, format!("no key {id}")));
     }
     Ok(())
+}
+
+/// Records or clears an aws version's refusal; a recorded one is kept as it is.
+pub(super) fn set_aws_refusal(
+    tx: &Tx<'_>,
+    id: &KeyId,
+    version: u32,
+    r: Option<&AwsRefusal>,
+) -> Result<bool> {
+    let is_aws: Option<bool> = tx
+        .query_row(
+            "SELECT v.type = 'aws' FROM versions v JOIN keys k ON k.id = v.key_id
+             WHERE k.environment = ?1 AND k.country = ?2 AND v.version = ?3",
+            params![id.env, id.country, version],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if is_aws != Some(true) {
+        return Err(Error::not_found(
+            Code::VersionNotFound,
+            format!("{id} has no aws version {version}"),
+        ));
+    }
+    let n = match r {
+        Some(r) => tx.execute(
+            "UPDATE versions SET aws_refused_code = ?4, aws_refused_why = ?5, aws_refused_at = ?6
+             WHERE version = ?3 AND aws_refused_code IS NULL
+               AND key_id = (SELECT id FROM keys WHERE environment = ?1 AND country = ?2)",
+            params![id.env, id.country, version, r.code.as_str(), r.why, r.at],
+        )?,
+        None => tx.execute(
+            "UPDATE versions SET aws_refused_code = NULL, aws_refused_why = NULL, aws_refused_at = NULL
+             WHERE version = ?3 AND aws_refused_code IS NOT NULL
+               AND key_id = (SELECT id FROM keys WHERE environment = ?1 AND country = ?2)",
+            params![id.env, id.country, version],
+        )?,
+    };
+    Ok(n == 1)
+}
+
+pub(super) fn aws_refusals(conn: &Connection) -> Result<Vec<(KeyId, u32, AwsRefusal)>> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT k.environment, k.country, v.version, v.aws_refused_code, v.aws_refused_why, v.aws_refused_at
+             FROM versions v JOIN keys k ON k.id = v.key_id
+             WHERE v.aws_refused_code IS NOT NULL ORDER BY k.environment, k.country, v.version",
+        )?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                refusal(r.get(3)?, r.get(4)?, r.get(5)?),
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for (env, country, version, refusal) in rows {
+        let id = KeyId::parse(&env, &country)
+            .map_err(|_| Error::integrity(format!("invalid key name {env}/{country} in state")))?;
+        if let Some(r) = refusal {
+            out.push((id, version, r));
+        }
+    }
+    Ok(out)
 }

@@ -74,6 +74,11 @@ const MIGRATIONS: &[&str] = &[
     // 7: each audit entry's HMAC-SHA256 (hex) of its hash under the HSM's audit key; NULL
     // on entries written before.
     "ALTER TABLE audit ADD COLUMN mac TEXT;",
+    // 8: a refusal of an aws version a node's KMS check saw (code, message, when), so that
+    // every node withdraws it; cleared by a successful check.
+    "ALTER TABLE versions ADD COLUMN aws_refused_code TEXT;
+     ALTER TABLE versions ADD COLUMN aws_refused_why TEXT;
+     ALTER TABLE versions ADD COLUMN aws_refused_at INTEGER;",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> anyhow::Result<()> {

@@ -18,15 +18,15 @@ use crate::kms::{KmsError, Rejection};
 
 /// Every version is due again a moment after each check (time since the last success is
 /// the daemon's clock's, which the tests move).
-const EVERY_PASS: RevalidateSettings = RevalidateSettings {
+pub(super) const EVERY_PASS: RevalidateSettings = RevalidateSettings {
     interval: Duration::from_millis(1),
     max_stale: Duration::from_secs(3600),
 };
 
-const KEY: [u8; 32] = [0x11; 32];
+pub(super) const KEY: [u8; 32] = [0x11; 32];
 
 /// A keyring with one aws version (`prod`/`DE` version 1 of `blob`), checked every pass.
-async fn registered(blob: &[u8]) -> (Fixture, KeyId) {
+pub(super) async fn registered(blob: &[u8]) -> (Fixture, KeyId) {
     let fx = Fixture::new().await;
     // Sets the interval that registrations schedule their first check with.
     fx.keyring.revalidate_due(EVERY_PASS).await;
@@ -35,13 +35,13 @@ async fn registered(blob: &[u8]) -> (Fixture, KeyId) {
     (fx, de)
 }
 
-async fn revalidate(fx: &Fixture) {
+pub(super) async fn revalidate(fx: &Fixture) {
     tokio::time::sleep(Duration::from_millis(2)).await;
     fx.keyring.revalidate_due(EVERY_PASS).await;
 }
 
 /// Why version 1 is not served; `None` while it serves `KEY`.
-fn unavailable(fx: &Fixture, id: &KeyId) -> Option<String> {
+pub(super) fn unavailable(fx: &Fixture, id: &KeyId) -> Option<String> {
     let key = fx.keyring.key(id).unwrap();
     let v = key.version(1).unwrap();
     match v.key() {
@@ -54,7 +54,7 @@ fn unavailable(fx: &Fixture, id: &KeyId) -> Option<String> {
 }
 
 /// `(outcome, detail)` of the revalidation's audit entries.
-fn audited(fx: &Fixture) -> Vec<(AuditOutcome, String)> {
+pub(super) fn audited(fx: &Fixture) -> Vec<(AuditOutcome, String)> {
     fx.audit()
         .into_iter()
         .filter(|e| e.action == "kms-revalidate" && e.actor == "timer")
@@ -63,7 +63,7 @@ fn audited(fx: &Fixture) -> Vec<(AuditOutcome, String)> {
 }
 
 /// The one problem health shows: its state and code.
-fn problem(fx: &Fixture) -> Option<(AwsState, Code)> {
+pub(super) fn problem(fx: &Fixture) -> Option<(AwsState, Code)> {
     let health = fx.keyring.aws_health();
     assert_eq!(health.versions, 1);
     assert!(health.problems.len() <= 1);
