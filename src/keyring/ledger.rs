@@ -2,10 +2,19 @@
 //!
 //! AES-GCM with random 96-bit IVs is safe for 2^32 encryptions under one key, so the daemon
 //! counts every record it encrypts under a version (encrypt and rewrap) in the state and
-//! refuses encryption under a version past [`ENCRYPTION_LIMIT`] (2^31). Counts are reserved
-//! in blocks before use: the state holds at least as many as were made (a crash leaves it
-//! ahead by at most one block per version, never behind), and a clean stop writes the exact
-//! counts.
+//! refuses encryption under a version past [`ENCRYPTION_LIMIT`] (2^31).
+//!
+//! Counts are reserved in blocks before use, additively: a reservation atomically adds a
+//! block to the version's stored count and returns the new total, and the node may then make
+//! the part of that block below the limit. Several nodes on one state (PostgreSQL) thus each
+//! own blocks of their own, and the stored count is at least what all of them made: a crash
+//! leaves it ahead by at most one block per node and version, never behind. The new total
+//! also tells the node how far the cluster is, so it refuses at the limit without a read.
+//!
+//! A clean stop gives back the unused part of the node's reservations (`encryptions -
+//! unused`, one signed delta per version; it also adds what was made in memory during an
+//! outage): the count never goes below what was made, and never loses what other nodes
+//! reserved. A single node (SQLite) thus ends with the exact count, as before.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -26,32 +35,36 @@ const UNPERSISTED_BLOCKS: u64 = 16;
 /// Where encryption counts are kept: the part of the state the ledger needs (`dyn Store`),
 /// narrow so that its tests need only a fake of this part.
 pub trait EncryptionStore: Send + Sync + 'static {
-    /// The stored count of a version.
+    /// The stored count of a version (read only when a first reservation fails).
     fn stored(&self, id: &KeyId, version: u32) -> Result<u64>;
-    /// Raises the stored count to at least `at_least`.
-    fn reserve(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()>;
-    /// Stores exact counts.
-    fn store_exact(&self, counts: &[(KeyId, u32, u64)]) -> Result<()>;
+    /// Adds `n` to the stored count, atomically; the new total.
+    fn reserve(&self, id: &KeyId, version: u32, n: u64) -> Result<u64>;
+    /// Adds signed deltas to stored counts (a clean stop), in one transaction.
+    fn settle(&self, deltas: &[(KeyId, u32, i64)]) -> Result<()>;
 }
 
 impl EncryptionStore for dyn Store {
     fn stored(&self, id: &KeyId, version: u32) -> Result<u64> {
         self.encryptions(id, version)
     }
-    fn reserve(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()> {
-        self.reserve_encryptions(id, version, at_least)
+    fn reserve(&self, id: &KeyId, version: u32, n: u64) -> Result<u64> {
+        self.reserve_encryptions(id, version, n)
     }
-    fn store_exact(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
-        self.set_encryptions(counts)
+    fn settle(&self, deltas: &[(KeyId, u32, i64)]) -> Result<()> {
+        self.settle_encryptions(deltas)
     }
 }
 
-/// One version's encryptions: `used` made or granted so far (over the version's life),
-/// `durable` what the state holds (`None` until read this run).
+/// One version's encryptions on this node, this run: `made` (granted, less given back),
+/// `usable` what this node's reservations let it make (their parts below the limit),
+/// `added` what it added to the stored count (less given back), `total` the stored count
+/// as last seen (`None` until then).
 #[derive(Default)]
 struct Entry {
-    used: u64,
-    durable: Option<u64>,
+    made: u64,
+    usable: u64,
+    added: u64,
+    total: Option<u64>,
 }
 
 /// Encryptions per version, counted durably against [`ENCRYPTION_LIMIT`].
@@ -92,25 +105,23 @@ impl EncryptionLedger {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Grants up to `n` encryptions under a version from what is already reserved; `None`
-    /// when the state must be read or written first.
+    /// Grants `n` encryptions under a version from what this node has reserved; `None`
+    /// when that is not enough (a reservation, or the limit, decides).
     fn take_reserved(&self, key: &(KeyId, u32), n: u64) -> Option<u64> {
         let mut map = self.entries();
         let e = map.get_mut(key)?;
-        let durable = e.durable?;
-        let grant = n.min(self.limit.saturating_sub(e.used));
-        if e.used + grant <= durable {
-            e.used += grant;
-            Some(grant)
+        if e.made + n <= e.usable {
+            e.made += n;
+            Some(n)
         } else {
             None
         }
     }
 
     /// Takes up to `n` encryptions under a version, and returns how many were granted:
-    /// fewer than `n` (0) only at the limit. Reserves a block in the state first when the
-    /// last one is used up. `Err` when the state cannot be read, or has not taken a
-    /// reservation for too long.
+    /// fewer than `n` (0) only at the limit. Reserves a block in the state first when this
+    /// node's reservations are used up. `Err` when the state has not taken a reservation
+    /// for too long (or cannot be read when nothing is known of the version).
     pub async fn reserve<S: EncryptionStore + ?Sized>(
         &self,
         store: Arc<S>,
@@ -129,54 +140,72 @@ impl EncryptionLedger {
         if let Some(grant) = self.take_reserved(&key, n) {
             return Ok(grant);
         }
-        let known = self.entries().get(&key).and_then(|e| e.durable);
-        if known.is_none() {
-            let (s, k) = (store.clone(), key.clone());
-            let stored = off_runtime(move || s.stored(&k.0, k.1)).await?;
+        // What is missing (with what was made in memory during an outage) and a block ahead,
+        // no further than the limit as last seen.
+        let amount = {
             let mut map = self.entries();
             let e = map.entry(key.clone()).or_default();
-            e.used = e.used.max(stored);
-            e.durable = Some(stored);
-        }
-        let (grant, target, durable) = {
-            let mut map = self.entries();
-            let e = map.entry(key.clone()).or_default();
-            let durable = e.durable.unwrap_or(e.used);
-            let grant = n.min(self.limit.saturating_sub(e.used));
-            if e.used + grant <= durable {
-                e.used += grant;
+            let amount = (e.made + n - e.usable) + self.block;
+            let amount = match e.total {
+                Some(t) => amount.min(self.limit.saturating_sub(t)),
+                None => amount,
+            };
+            if amount == 0 {
+                // At the limit: what is left of this node's reservations, then nothing.
+                let grant = e.usable.saturating_sub(e.made);
+                e.made += grant;
                 return Ok(grant);
             }
-            (
-                grant,
-                (e.used + grant + self.block).min(self.limit),
-                durable,
-            )
+            amount
         };
         let (s, k) = (store.clone(), key.clone());
-        let written = off_runtime(move || s.reserve(&k.0, k.1, target)).await;
+        let written = off_runtime(move || s.reserve(&k.0, k.1, amount)).await;
+        let written = match written {
+            Ok(total) => Ok(total),
+            Err(err) => {
+                let unknown = self.entries().get(&key).is_none_or(|e| e.total.is_none());
+                if unknown {
+                    // Nothing known of the version yet: bridge from the stored count, if read.
+                    let (s, k) = (store.clone(), key.clone());
+                    let stored = off_runtime(move || s.stored(&k.0, k.1)).await;
+                    let mut map = self.entries();
+                    let e = map.entry(key.clone()).or_default();
+                    e.total = Some(stored?);
+                }
+                Err(err)
+            }
+        };
         let mut map = self.entries();
         let e = map.entry(key).or_default();
         match written {
-            Ok(()) => {
+            Ok(total) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("encryption counts are stored again");
                 }
-                e.durable = Some(target.max(durable));
-                e.used += grant;
+                // This node owns [total - amount, total); it may make the part below the limit.
+                e.usable += amount.min(self.limit.saturating_sub(total.saturating_sub(amount)));
+                e.added += amount;
+                e.total = Some(total);
+                let grant = n.min(e.usable.saturating_sub(e.made));
+                e.made += grant;
                 Ok(grant)
             }
             // The state does not take writes: go on counting in memory for a while (a crash
             // now under-counts by at most that much), so records keep being served.
-            Err(err) if e.used + grant <= durable + UNPERSISTED_BLOCKS * self.block => {
+            Err(err) => {
+                let t = e.total.unwrap_or(0);
+                let most = e.usable + self.limit.saturating_sub(t);
+                let grant = n.min(most.saturating_sub(e.made));
+                if e.made + grant > e.usable + UNPERSISTED_BLOCKS * self.block {
+                    return Err(err);
+                }
                 if !self.failing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(env = %id.env, country = %id.country, version, error = %err,
                         "cannot store the encryption count; counting in memory until the state takes writes");
                 }
-                e.used += grant;
+                e.made += grant;
                 Ok(grant)
             }
-            Err(err) => Err(err),
         }
     }
 
@@ -186,40 +215,54 @@ impl EncryptionLedger {
             return;
         }
         if let Some(e) = self.entries().get_mut(&(id.clone(), version)) {
-            e.used = e.used.saturating_sub(n);
+            e.made = e.made.saturating_sub(n);
         }
     }
 
-    /// Encryptions made under a version as far as this run knows (`None`: none this run).
+    /// Encryptions made under a version as far as this node knows: the stored count as
+    /// last seen, less this node's unused reservations (others' are counted whole). `None`:
+    /// nothing known this run.
     pub fn used(&self, id: &KeyId, version: u32) -> Option<u64> {
-        self.entries()
-            .get(&(id.clone(), version))
-            .filter(|e| e.durable.is_some())
-            .map(|e| e.used)
+        let map = self.entries();
+        let e = map.get(&(id.clone(), version))?;
+        e.total.map(|t| (t + e.made).saturating_sub(e.usable))
     }
 
-    /// Writes the exact counts of every version used this run (at a clean stop), giving
-    /// back reserved blocks not used.
+    /// Settles the counts of every version used this run (at a clean stop): gives back the
+    /// unused part of this node's reservations, and adds what was made past them in an
+    /// outage. Other nodes' reservations stay counted.
     pub async fn flush<S: EncryptionStore + ?Sized>(&self, store: Arc<S>) -> Result<()> {
         let _writing = self.writing.lock().await;
-        let counts: Vec<(KeyId, u32, u64)> = self
+        let deltas: Vec<(KeyId, u32, i64)> = self
             .entries()
             .iter()
-            .filter(|(_, e)| e.durable.is_some_and(|d| d != e.used))
-            .map(|((id, v), e)| (id.clone(), *v, e.used))
+            .filter(|(_, e)| e.made != e.added)
+            .map(|((id, v), e)| (id.clone(), *v, delta(e.made, e.added)))
             .collect();
-        if counts.is_empty() {
+        if deltas.is_empty() {
             return Ok(());
         }
-        let exact = counts.clone();
-        off_runtime(move || store.store_exact(&exact)).await?;
+        let settled = deltas.clone();
+        off_runtime(move || store.settle(&settled)).await?;
         let mut map = self.entries();
-        for (id, v, n) in counts {
+        for (id, v, d) in deltas {
             if let Some(e) = map.get_mut(&(id, v)) {
-                e.durable = Some(n);
+                // What is left is exactly what was made; more needs a new reservation.
+                e.added = e.made;
+                e.usable = e.made;
+                e.total = e.total.map(|t| t.saturating_add_signed(d));
             }
         }
         Ok(())
+    }
+}
+
+/// `made - added`, as a signed delta (saturating).
+fn delta(made: u64, added: u64) -> i64 {
+    if made >= added {
+        i64::try_from(made - added).unwrap_or(i64::MAX)
+    } else {
+        i64::try_from(added - made).map_or(i64::MIN, |d| -d)
     }
 }
 
@@ -271,18 +314,19 @@ mod tests {
         fn stored(&self, id: &KeyId, v: u32) -> Result<u64> {
             Ok(self.get(id, v))
         }
-        fn reserve(&self, id: &KeyId, v: u32, at_least: u64) -> Result<()> {
+        fn reserve(&self, id: &KeyId, v: u32, n: u64) -> Result<u64> {
             self.write()?;
             let mut c = self.counts.lock().unwrap();
-            let n = c.entry((id.clone(), v)).or_default();
-            *n = (*n).max(at_least);
-            Ok(())
+            let total = c.entry((id.clone(), v)).or_default();
+            *total += n;
+            Ok(*total)
         }
-        fn store_exact(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
+        fn settle(&self, deltas: &[(KeyId, u32, i64)]) -> Result<()> {
             self.write()?;
             let mut c = self.counts.lock().unwrap();
-            for (id, v, n) in counts {
-                c.insert((id.clone(), *v), *n);
+            for (id, v, d) in deltas {
+                let total = c.entry((id.clone(), *v)).or_default();
+                *total = total.saturating_add_signed(*d);
             }
             Ok(())
         }
@@ -379,6 +423,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn two_nodes_on_one_state_reserve_for_all_they_make() {
+        let store = Arc::new(FakeStore::default());
+        let s: Arc<dyn EncryptionStore> = store.clone();
+        let id = id();
+        let (a, b) = (
+            EncryptionLedger::with_limits(1 << 20, 16),
+            EncryptionLedger::with_limits(1 << 20, 16),
+        );
+        let mut made = 0;
+        for n in [1, 5, 16, 3, 40, 7, 16, 2] {
+            made += a.reserve(s.clone(), &id, 1, n).await.unwrap();
+            made += b.reserve(s.clone(), &id, 1, n).await.unwrap();
+            // A crash of both now finds at least what the two made together.
+            assert!(store.get(&id, 1) >= made, "{} < {made}", store.get(&id, 1));
+        }
+        // A clean stop of one never lowers what the other reserved.
+        a.flush(s.clone()).await.unwrap();
+        assert!(store.get(&id, 1) >= made, "{} < {made}", store.get(&id, 1));
+        b.flush(s.clone()).await.unwrap();
+        assert_eq!(store.get(&id, 1), made);
+    }
+
+    #[tokio::test]
     async fn counts_in_the_real_state() {
         use crate::domain::audit::{Actor, AuditEntry};
         use crate::domain::{Initiator, VersionType};
@@ -404,9 +471,9 @@ mod tests {
         assert_eq!(store.encryptions(&id, 1).unwrap(), 11);
         ledger.flush(s.clone()).await.unwrap();
         assert_eq!(store.encryptions(&id, 1).unwrap(), 3);
-        // Reservations only raise the stored count.
-        store.reserve_encryptions(&id, 1, 2).unwrap();
-        assert_eq!(store.encryptions(&id, 1).unwrap(), 3);
+        // A reservation adds to the stored count and returns the total.
+        assert_eq!(store.reserve_encryptions(&id, 1, 2).unwrap(), 5);
+        assert_eq!(store.encryptions(&id, 1).unwrap(), 5);
         // A version the state does not have is an error, not a silent zero.
         assert!(store.reserve_encryptions(&id, 2, 5).is_err());
     }

@@ -237,7 +237,7 @@ impl Keyring {
             .await
     }
 
-    /// Stores the exact encryption counts in place of the reserved ones (at shutdown).
+    /// Gives back the unused part of this node's encryption reservations (at shutdown).
     pub async fn flush_encryptions(&self) -> Result<()> {
         self.records.encryptions().flush(self.store.clone()).await
     }

@@ -177,7 +177,7 @@ pub fn the_audit_chain_holds_across_a_reopen(b: &dyn Backend) {
         add(s.as_ref(), &de, 1).unwrap();
         // A refused change tells the seal nothing; writes without entries neither.
         assert!(add(s.as_ref(), &de, 1).is_err());
-        s.reserve_encryptions(&de, 1, 10).unwrap();
+        assert_eq!(s.reserve_encryptions(&de, 1, 10).unwrap(), 10);
         assert_eq!(seal.0.load(Ordering::SeqCst), 2);
     }
     let s = open(b);
@@ -223,8 +223,8 @@ pub fn a_read_only_store_reads_beside_the_daemon_and_refuses_writes(b: &dyn Back
     let refused = [
         r.audit(&entry("refused", None)).map(drop),
         add(r.as_ref(), &de, 2),
-        r.reserve_encryptions(&de, 1, 5),
-        r.set_encryptions(&[(de.clone(), 1, 5)]),
+        r.reserve_encryptions(&de, 1, 5).map(drop),
+        r.settle_encryptions(&[(de.clone(), 1, 5)]),
         r.totp_attempt_begin(1, 0, LIMITS).map(drop),
         r.totp_attempt_withdraw(1),
     ];

@@ -93,14 +93,18 @@ pub trait Store: Send + Sync + 'static {
     /// Every recorded refusal, by key and version.
     fn aws_refusals(&self) -> Result<Vec<(KeyId, u32, AwsRefusal)>>;
 
-    /// Records encrypted under a version, as stored (at least as many as were made: see
+    /// Records encrypted under a version, as stored (at least as many as all nodes made: see
     /// `keyring::ledger`). 0 for a version the state does not have.
     fn encryptions(&self, id: &KeyId, version: u32) -> Result<u64>;
-    /// Raises a version's stored encryption count to at least `at_least` (a reservation
-    /// made before the encryptions it covers); an error for a version the state lacks.
-    fn reserve_encryptions(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()>;
-    /// Stores exact encryption counts (at a clean stop), in one transaction.
-    fn set_encryptions(&self, counts: &[(KeyId, u32, u64)]) -> Result<()>;
+    /// Adds `n` to a version's stored encryption count, atomically, and returns the new
+    /// total (a reservation of `n`, made before the encryptions it covers; the reserving
+    /// node owns the `n` just below the total). An error for a version the state lacks.
+    fn reserve_encryptions(&self, id: &KeyId, version: u32, n: u64) -> Result<u64>;
+    /// Settles encryption counts (at a clean stop), in one transaction: adds each signed
+    /// delta to the stored count (never below 0). A node gives back the unused part of its
+    /// reservations (a negative delta) or adds encryptions it made beyond them during an
+    /// outage (positive): never what other nodes reserved.
+    fn settle_encryptions(&self, deltas: &[(KeyId, u32, i64)]) -> Result<()>;
 
     /// An admin's sealed TOTP secret.
     fn totp_get(&self, uid: u32) -> Result<Option<StoredTotp>>;

@@ -218,12 +218,12 @@ impl Store for SqliteStore {
         keys::encryptions(&self.conn(), id, version)
     }
 
-    fn reserve_encryptions(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()> {
-        self.write(|tx| keys::reserve_encryptions(tx, id, version, at_least))
+    fn reserve_encryptions(&self, id: &KeyId, version: u32, n: u64) -> Result<u64> {
+        self.write(|tx| keys::reserve_encryptions(tx, id, version, n))
     }
 
-    fn set_encryptions(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
-        self.write(|tx| keys::set_encryptions(tx, counts))
+    fn settle_encryptions(&self, deltas: &[(KeyId, u32, i64)]) -> Result<()> {
+        self.write(|tx| keys::settle_encryptions(tx, deltas))
     }
 
     fn totp_get(&self, uid: u32) -> Result<Option<StoredTotp>> {

@@ -116,11 +116,35 @@ fn two_nodes_racing_for_a_version_number_one_wins() {
         a.head().unwrap().keys.get(&("prod".into(), "DE".into())),
         Some(&20)
     );
-    // Encryption counts only grow: a node's clean stop does not undercut another's
-    // reservation.
-    a.reserve_encryptions(&de, 20, 65_536).unwrap();
-    b.set_encryptions(&[(de.clone(), 20, 10)]).unwrap();
-    assert_eq!(b.encryptions(&de, 20).unwrap(), 65_536);
+}
+
+#[test]
+fn encryption_reservations_from_two_nodes_at_once_add_up() {
+    const BLOCK: u64 = 65_536;
+    let pg = Postgres::init();
+    let db = pg.database("keyd");
+    let (a, b) = (node(&pg, &db, "a"), node(&pg, &db, "b"));
+    let de = id("DE");
+    add(a.as_ref(), &de, 1).unwrap();
+    // Both nodes reserve a block at once, again and again: each gets a block of its own (the
+    // new totals are all different), and the stored total is the sum of the blocks.
+    let mut totals = Vec::new();
+    for _ in 0..10 {
+        totals.extend(at_once(&a, &b, |s| {
+            s.reserve_encryptions(&de, 1, BLOCK).unwrap()
+        }));
+    }
+    totals.sort_unstable();
+    assert_eq!(totals, (1..=20).map(|i| i * BLOCK).collect::<Vec<_>>());
+    assert_eq!(a.encryptions(&de, 1).unwrap(), 20 * BLOCK);
+    assert_eq!(b.encryptions(&de, 1).unwrap(), 20 * BLOCK);
+    // A clean stop of one node gives back only the unused part of its last block: what the
+    // other node reserved stays counted.
+    let unused = i64::try_from(BLOCK - 10).unwrap();
+    b.settle_encryptions(&[(de.clone(), 1, -unused)]).unwrap();
+    assert_eq!(a.encryptions(&de, 1).unwrap(), 19 * BLOCK + 10);
+    // A version the state does not have is an error.
+    assert!(a.reserve_encryptions(&de, 2, BLOCK).is_err());
 }
 
 #[test]

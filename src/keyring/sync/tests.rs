@@ -55,11 +55,11 @@ impl Store for Shared {
     fn encryptions(&self, id: &KeyId, version: u32) -> Result<u64> {
         self.inner.encryptions(id, version)
     }
-    fn reserve_encryptions(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()> {
-        self.inner.reserve_encryptions(id, version, at_least)
+    fn reserve_encryptions(&self, id: &KeyId, version: u32, n: u64) -> Result<u64> {
+        self.inner.reserve_encryptions(id, version, n)
     }
-    fn set_encryptions(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
-        self.inner.set_encryptions(counts)
+    fn settle_encryptions(&self, deltas: &[(KeyId, u32, i64)]) -> Result<()> {
+        self.inner.settle_encryptions(deltas)
     }
     fn totp_get(&self, uid: u32) -> Result<Option<StoredTotp>> {
         self.inner.totp_get(uid)

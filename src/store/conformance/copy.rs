@@ -98,7 +98,7 @@ fn fill(s: &dyn Store) {
         .unwrap();
     s.set_aws_refusal(&fr, 1, Some(&refusal(Code::AwsKeyDisabled, "disabled")))
         .unwrap();
-    s.reserve_encryptions(&de, 2, 65_536).unwrap();
+    assert_eq!(s.reserve_encryptions(&de, 2, 65_536).unwrap(), 65_536);
     let secret = StoredTotp {
         iv: [4; 12],
         sealed: vec![5; 36],

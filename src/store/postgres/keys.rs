@@ -334,42 +334,39 @@ pub(super) async fn encryptions(c: &impl GenericClient, id: &KeyId, version: u32
     Ok(n.max(0) as u64)
 }
 
-/// Raises a count, never lowers it: nodes reserving at once each keep what they took.
+/// Adds a reservation of `n` to a version's count under the version's row lock (nodes
+/// reserving at once each get a block of their own) and returns the new total.
 pub(super) async fn reserve_encryptions(
     tx: &Tx<'_>,
     id: &KeyId,
     version: u32,
-    at_least: u64,
-) -> Result<()> {
-    let at_least = i64::try_from(at_least).unwrap_or(i64::MAX);
-    let n = tx
-        .execute(
-            "UPDATE versions SET encryptions = GREATEST(encryptions, $4)
-             WHERE version = $3 AND key_id = (SELECT id FROM keys WHERE environment = $1 AND country = $2)",
-            &[&id.env, &id.country, &i64::from(version), &at_least],
+    n: u64,
+) -> Result<u64> {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    let row = tx
+        .query_opt(
+            "UPDATE versions SET encryptions = encryptions + $4
+             WHERE version = $3 AND key_id = (SELECT id FROM keys WHERE environment = $1 AND country = $2)
+             RETURNING encryptions",
+            &[&id.env, &id.country, &i64::from(version), &n],
         )
         .await?;
-    if n == 0 {
-        return Err(Error::internal(format!(
+    match row {
+        Some(r) => Ok(col::<i64>(&r, 0)?.max(0) as u64),
+        None => Err(Error::internal(format!(
             "{id} version {version} is not in the state: cannot count its encryptions"
-        )));
+        ))),
     }
-    Ok(())
 }
 
-/// A clean stop's counts. Never lowers a count here: another node may have reserved past
-/// this node's exact count, and the stored count must stay at least what all nodes made.
-pub(super) async fn set_encryptions(tx: &Tx<'_>, counts: &[(KeyId, u32, u64)]) -> Result<()> {
-    for (id, version, n) in counts {
+/// A clean stop's deltas, each added to its count (never below 0): a node gives back only
+/// the unused part of its own reservations, so what other nodes reserved stays counted.
+pub(super) async fn settle_encryptions(tx: &Tx<'_>, deltas: &[(KeyId, u32, i64)]) -> Result<()> {
+    for (id, version, delta) in deltas {
         tx.execute(
-            "UPDATE versions SET encryptions = GREATEST(encryptions, $4)
+            "UPDATE versions SET encryptions = GREATEST(encryptions + $4, 0)
              WHERE version = $3 AND key_id = (SELECT id FROM keys WHERE environment = $1 AND country = $2)",
-            &[
-                &id.env,
-                &id.country,
-                &i64::from(*version),
-                &i64::try_from(*n).unwrap_or(i64::MAX),
-            ],
+            &[&id.env, &id.country, &i64::from(*version), delta],
         )
         .await?;
     }

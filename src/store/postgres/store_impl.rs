@@ -70,12 +70,12 @@ impl Store for PgStore {
         self.run(async |c| keys::encryptions(c, id, version).await)
     }
 
-    fn reserve_encryptions(&self, id: &KeyId, version: u32, at_least: u64) -> Result<()> {
-        self.write(async |tx| keys::reserve_encryptions(tx, id, version, at_least).await)
+    fn reserve_encryptions(&self, id: &KeyId, version: u32, n: u64) -> Result<u64> {
+        self.write(async |tx| keys::reserve_encryptions(tx, id, version, n).await)
     }
 
-    fn set_encryptions(&self, counts: &[(KeyId, u32, u64)]) -> Result<()> {
-        self.write(async |tx| keys::set_encryptions(tx, counts).await)
+    fn settle_encryptions(&self, deltas: &[(KeyId, u32, i64)]) -> Result<()> {
+        self.write(async |tx| keys::settle_encryptions(tx, deltas).await)
     }
 
     fn totp_get(&self, uid: u32) -> Result<Option<StoredTotp>> {

@@ -232,37 +232,34 @@ pub(super) fn encryptions(conn: &Connection, id: &KeyId, version: u32) -> Result
     Ok(n.unwrap_or(0).max(0) as u64)
 }
 
-pub(super) fn reserve_encryptions(
-    tx: &Tx<'_>,
-    id: &KeyId,
-    version: u32,
-    at_least: u64,
-) -> Result<()> {
-    let at_least = i64::try_from(at_least).unwrap_or(i64::MAX);
-    let n = tx.execute(
-        "UPDATE versions SET encryptions = MAX(encryptions, ?4)
-         WHERE version = ?3 AND key_id = (SELECT id FROM keys WHERE environment = ?1 AND country = ?2)",
-        params![id.env, id.country, version, at_least],
-    )?;
-    if n == 0 {
-        return Err(Error::internal(format!(
+/// Adds a reservation of `n` to a version's count (atomically, in the write transaction);
+/// the new total.
+pub(super) fn reserve_encryptions(tx: &Tx<'_>, id: &KeyId, version: u32, n: u64) -> Result<u64> {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    let total: Option<i64> = tx
+        .query_row(
+            "UPDATE versions SET encryptions = encryptions + ?4
+             WHERE version = ?3 AND key_id = (SELECT id FROM keys WHERE environment = ?1 AND country = ?2)
+             RETURNING encryptions",
+            params![id.env, id.country, version, n],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match total {
+        Some(t) => Ok(t.max(0) as u64),
+        None => Err(Error::internal(format!(
             "{id} version {version} is not in the state: cannot count its encryptions"
-        )));
+        ))),
     }
-    Ok(())
 }
 
-pub(super) fn set_encryptions(tx: &Tx<'_>, counts: &[(KeyId, u32, u64)]) -> Result<()> {
-    for (id, version, n) in counts {
+/// A clean stop's deltas: each added to its count, never below 0.
+pub(super) fn settle_encryptions(tx: &Tx<'_>, deltas: &[(KeyId, u32, i64)]) -> Result<()> {
+    for (id, version, delta) in deltas {
         tx.execute(
-            "UPDATE versions SET encryptions = ?4
+            "UPDATE versions SET encryptions = MAX(encryptions + ?4, 0)
              WHERE version = ?3 AND key_id = (SELECT id FROM keys WHERE environment = ?1 AND country = ?2)",
-            params![
-                id.env,
-                id.country,
-                version,
-                i64::try_from(*n).unwrap_or(i64::MAX)
-            ],
+            params![id.env, id.country, version, delta],
         )?;
     }
     Ok(())
