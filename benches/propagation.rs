@@ -24,7 +24,7 @@ use harness::{raw, Daemon, Options, Postgres, Secrets};
 const CHANGES: u32 = 200;
 const VERSIONS: u32 = 10;
 const REQUESTS: usize = 20_000;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 4;
 
 fn options(node: &str) -> Options {
     Options {
@@ -85,14 +85,23 @@ fn throughput(d: &Daemon, conns: usize) -> f64 {
 
 /// Secrets throughput, sqlite against postgres, rounds interleaved; the best round of each.
 fn compare(sqlite: &Daemon, postgres: &Daemon) {
+    let size = |d: &Daemon| d.get("/v1/keys/bench/DE/secrets").body.len();
     println!(
-        "secrets throughput, {REQUESTS} requests, key with {VERSIONS} versions, best of {ROUNDS}:"
+        "secrets throughput, {REQUESTS} requests, key with {VERSIONS} versions ({} / {} bytes), best of {ROUNDS}:",
+        size(sqlite),
+        size(postgres)
     );
     for conns in [1, 8] {
         let (mut sq, mut pg) = (0f64, 0f64);
-        for _ in 0..ROUNDS {
-            sq = sq.max(throughput(sqlite, conns));
-            pg = pg.max(throughput(postgres, conns));
+        for round in 0..ROUNDS {
+            // Each goes first every other round.
+            if round % 2 == 0 {
+                sq = sq.max(throughput(sqlite, conns));
+                pg = pg.max(throughput(postgres, conns));
+            } else {
+                pg = pg.max(throughput(postgres, conns));
+                sq = sq.max(throughput(sqlite, conns));
+            }
         }
         println!(
             "  {conns} connection(s): sqlite {sq:>8.0} req/s, postgres {pg:>8.0} req/s, ratio postgres/sqlite {:.2}",
