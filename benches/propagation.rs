@@ -6,13 +6,25 @@
 //! - as a client sees it (from A's answer to the long poll's, the answer's own time
 //!   included: an upper bound of what follows the commit).
 //!
-//! Run: `cargo bench --bench propagation` (needs PostgreSQL: tests/run.sh installs it).
+//!
+//! First, secrets throughput on node A (postgres-backed) against a sqlite-backed daemon
+//! started in the same run, same key (VERSIONS versions), same client load: REQUESTS
+//! requests over 1 and 8 keep-alive connections, req/s for both and the ratio
+//! postgres/sqlite (equal within noise: reads never touch the database).
+//!
+//! Run: `cargo bench --features test-clock --bench propagation` (needs PostgreSQL:
+//! tests/run.sh installs it).
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use harness::{Daemon, Options, Postgres, Secrets};
+use harness::{raw, Daemon, Options, Postgres, Secrets};
 
 const CHANGES: u32 = 200;
+const VERSIONS: u32 = 10;
+const REQUESTS: usize = 20_000;
+const ROUNDS: usize = 4;
 
 fn options(node: &str) -> Options {
     Options {
@@ -51,6 +63,53 @@ fn long_poll(d: &Daemon, tag: &str) -> (u32, Instant) {
     (Secrets::parse(r.body).current_version, at)
 }
 
+/// `REQUESTS` secrets reads over `conns` keep-alive connections in parallel: req/s.
+fn throughput(d: &Daemon, conns: usize) -> f64 {
+    let each = REQUESTS / conns;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..conns {
+            s.spawn(|| {
+                let mut c = UnixStream::connect(&d.socket).expect("connect");
+                let req = b"GET /v1/keys/bench/DE/secrets HTTP/1.1\r\nhost: localhost\r\n\r\n";
+                for _ in 0..each {
+                    c.write_all(req).expect("write");
+                    let r = raw::read_response(&mut c).expect("answer");
+                    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+                }
+            });
+        }
+    });
+    (each * conns) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Secrets throughput, sqlite against postgres, rounds interleaved; the best round of each.
+fn compare(sqlite: &Daemon, postgres: &Daemon) {
+    let size = |d: &Daemon| d.get("/v1/keys/bench/DE/secrets").body.len();
+    println!(
+        "secrets throughput, {REQUESTS} requests, key with {VERSIONS} versions ({} / {} bytes), best of {ROUNDS}:",
+        size(sqlite),
+        size(postgres)
+    );
+    for conns in [1, 8] {
+        let (mut sq, mut pg) = (0f64, 0f64);
+        for round in 0..ROUNDS {
+            // Each goes first every other round.
+            if round % 2 == 0 {
+                sq = sq.max(throughput(sqlite, conns));
+                pg = pg.max(throughput(postgres, conns));
+            } else {
+                pg = pg.max(throughput(postgres, conns));
+                sq = sq.max(throughput(sqlite, conns));
+            }
+        }
+        println!(
+            "  {conns} connection(s): sqlite {sq:>8.0} req/s, postgres {pg:>8.0} req/s, ratio postgres/sqlite {:.2}",
+            pg / sq
+        );
+    }
+}
+
 fn report(what: &str, mut ms: Vec<f64>) {
     ms.sort_by(f64::total_cmp);
     let at = |p: f64| ms[((ms.len() as f64 - 1.0) * p) as usize];
@@ -71,7 +130,18 @@ fn main() {
     let b = first.another_node(options("b"), &pg, &db).launch();
     let c = first.another_node(options("c"), &pg, &db).launch();
     let a = first.launch();
-    assert_eq!(a.create_managed("bench", "DE", 30).status, 201);
+    let sqlite = Daemon::start_with(Options {
+        extra: String::new(),
+        ..options("sqlite")
+    });
+    for d in [&a, &sqlite] {
+        assert_eq!(d.create_managed("bench", "DE", 30).status, 201);
+        for _ in 1..VERSIONS {
+            assert_eq!(d.rotate("bench", "DE").status, 201);
+        }
+    }
+    compare(&sqlite, &a);
+    drop(sqlite);
     let deadline = Instant::now() + Duration::from_secs(10);
     while [&b, &c]
         .iter()
@@ -82,7 +152,7 @@ fn main() {
     }
 
     let (mut nodes, mut client) = (Vec::new(), Vec::new());
-    for version in 2..CHANGES + 2 {
+    for version in VERSIONS + 1..VERSIONS + CHANGES + 1 {
         let (tag_b, tag_c) = (etag(&b), etag(&c));
         std::thread::scope(|s| {
             let polls = [

@@ -316,11 +316,14 @@ fn reload(app: &App, path: &Path, log: &LogHandle) -> anyhow::Result<()> {
         || new.hsm.token_label != old.hsm.token_label
         || new.hsm.pin_file != old.hsm.pin_file
         || new.state.dir != old.state.dir
+        || new.state.backend != old.state.backend
+        || new.postgres != old.postgres
+        || new.cluster != old.cluster
         || new.verification.mode != old.verification.mode
         || new.aws.endpoint_url != old.aws.endpoint_url
         || new.aws.request_timeout != old.aws.request_timeout
     {
-        tracing::warn!("reload: server.socket, server.socket_mode, hsm.*, state.dir, verification.mode, aws.endpoint_url and aws.request_timeout take effect only after a restart");
+        tracing::warn!("reload: server.socket, server.socket_mode, hsm.*, state.dir, state.backend, postgres.*, cluster.*, verification.mode, aws.endpoint_url and aws.request_timeout take effect only after a restart");
     }
     if let Err(e) = log.modify(|f| *f = filter) {
         tracing::warn!(error = %e, "reload: cannot change the log level");

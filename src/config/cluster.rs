@@ -23,7 +23,7 @@ pub enum StateBackend {
     Postgres,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresSection {
     /// `postgresql://USER@HOST[:PORT]/DB[?sslmode=verify-full&...]`, or a Unix socket
@@ -37,7 +37,7 @@ pub struct PostgresSection {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {
     /// This node's name in the cluster (the rotator's lease, logs). Default: the host name.

@@ -89,3 +89,24 @@ fn reload_applies_readers_and_keeps_old_config_on_error() {
     assert_eq!(d.get("/v1/after-level-change").status, 404);
     assert!(!d.log_text().contains("/v1/after-level-change"));
 }
+
+#[test]
+fn reload_names_cluster_settings_as_needing_a_restart() {
+    let mut d = Daemon::prepare(Options::default());
+    let notify = NotifySocket::bind(d.tmp.path());
+    d.env
+        .push(("NOTIFY_SOCKET".into(), notify.path.clone().into()));
+    let d = d.launch();
+    notify.wait_for("READY=1", None);
+    let mut config = std::fs::read_to_string(&d.config).unwrap();
+    config.push_str("\n[cluster]\nlease = \"20s\"\n");
+    std::fs::write(&d.config, config).unwrap();
+    let status = reload(&d, &notify);
+    assert!(!status.contains("last reload failed"), "{status}");
+    let log = d.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("take effect only after a restart"))
+        .unwrap_or_else(|| panic!("no restart warning in\n{log}"));
+    assert!(warning.contains("cluster.*"), "{warning}");
+}
