@@ -82,10 +82,12 @@ fn socket_activation_serves_health_on_the_passed_socket() {
     let mut child = Guard(Some(child));
     let pid = child.0.as_ref().unwrap().id();
 
-    // The socket exists before the daemon runs; the first connection starts it and is
-    // answered by it.
+    // The socket exists before the daemon runs; the first connection starts it. Wait until
+    // it accepts connections, not merely until its file exists: systemd-socket-activate
+    // binds (the file appears) before it listens, and a connect in between is refused (seen
+    // once under load). The probe is that first connection; the daemon answers the next.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !activated.exists() {
+    while std::os::unix::net::UnixStream::connect(&activated).is_err() {
         assert!(
             Instant::now() < deadline,
             "socket not made by systemd-socket-activate"
