@@ -184,32 +184,7 @@ async fn insert_key(tx: &Tx<'_>, key: &StoredKey) -> Result<i64> {
         .await?;
     let rowid: i64 = col(&row, 0)?;
     for v in &key.versions {
-        let aws = v.aws.as_ref();
-        let check = aws.and_then(|a| a.check.as_ref());
-        let refusal = aws.and_then(|a| a.refusal.as_ref());
-        tx.execute(
-            "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check, aws_refused_code, aws_refused_why, aws_refused_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-            &[
-                &rowid,
-                &i64::from(v.version),
-                &v.kind.as_str(),
-                &v.created,
-                &v.origin.as_str(),
-                &&v.iv[..],
-                &v.wrapped,
-                &aws.map(|a| a.region.as_str()),
-                &aws.map(|a| a.encrypted_key.as_slice()),
-                &aws.map(|a| a.cmk_arn.as_str()),
-                &aws.map(|a| a.access_key_id.as_str()),
-                &check.map(|c| &c.iv[..]),
-                &check.map(|c| c.sealed.as_slice()),
-                &refusal.map(|r| r.code.as_str()),
-                &refusal.map(|r| r.why.as_str()),
-                &refusal.map(|r| r.at),
-            ],
-        )
-        .await?;
+        keys::insert_version(tx, rowid, v).await?;
     }
     Ok(rowid)
 }

@@ -179,29 +179,7 @@ pub(super) async fn add_version(
             }
         }
     };
-    let aws = v.aws.as_ref();
-    let check = aws.and_then(|a| a.check.as_ref());
-    let inserted = tx
-        .execute(
-            "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            &[
-                &rowid,
-                &number,
-                &v.kind.as_str(),
-                &v.created,
-                &v.origin.as_str(),
-                &&v.iv[..],
-                &v.wrapped,
-                &aws.map(|a| a.region.as_str()),
-                &aws.map(|a| a.encrypted_key.as_slice()),
-                &aws.map(|a| a.cmk_arn.as_str()),
-                &aws.map(|a| a.access_key_id.as_str()),
-                &check.map(|c| &c.iv[..]),
-                &check.map(|c| c.sealed.as_slice()),
-            ],
-        )
-        .await;
+    let inserted = insert_version(tx, rowid, v).await;
     match inserted {
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
             return Err(conflict(format!("version {} exists", v.version)))
@@ -209,6 +187,41 @@ pub(super) async fn add_version(
         other => other?,
     };
     Ok(())
+}
+
+/// One version row of the key `key_rowid`, every column as stored (a new version, or one
+/// copied whole by `state migrate`).
+pub(super) async fn insert_version(
+    tx: &Tx<'_>,
+    key_rowid: i64,
+    v: &StoredVersion,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    let aws = v.aws.as_ref();
+    let check = aws.and_then(|a| a.check.as_ref());
+    let refusal = aws.and_then(|a| a.refusal.as_ref());
+    tx.execute(
+        "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check, aws_refused_code, aws_refused_why, aws_refused_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        &[
+            &key_rowid,
+            &i64::from(v.version),
+            &v.kind.as_str(),
+            &v.created,
+            &v.origin.as_str(),
+            &&v.iv[..],
+            &v.wrapped,
+            &aws.map(|a| a.region.as_str()),
+            &aws.map(|a| a.encrypted_key.as_slice()),
+            &aws.map(|a| a.cmk_arn.as_str()),
+            &aws.map(|a| a.access_key_id.as_str()),
+            &check.map(|c| &c.iv[..]),
+            &check.map(|c| c.sealed.as_slice()),
+            &refusal.map(|r| r.code.as_str()),
+            &refusal.map(|r| r.why.as_str()),
+            &refusal.map(|r| r.at),
+        ],
+    )
+    .await
 }
 
 /// Records or clears an aws version's refusal (a recorded one is kept as it is), and tells

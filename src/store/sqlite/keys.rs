@@ -169,12 +169,21 @@ pub(super) fn add_version(
             tx.last_insert_rowid()
         }
     };
+    insert_version(tx, rowid, v)?;
+    Ok(())
+}
+
+/// One version row of the key `key_rowid`, every column as stored (a new version, or one
+/// copied whole by `state migrate`).
+pub(super) fn insert_version(tx: &Tx<'_>, key_rowid: i64, v: &StoredVersion) -> Result<()> {
     let aws = v.aws.as_ref();
     let check = aws.and_then(|a| a.check.as_ref());
+    let refusal = aws.and_then(|a| a.refusal.as_ref());
     tx.execute(
-        "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO versions (key_id, version, type, created, origin, iv, wrapped, aws_region, aws_encrypted_key, aws_cmk_arn, aws_access_key_id, aws_check_iv, aws_check, aws_refused_code, aws_refused_why, aws_refused_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![
-            rowid,
+            key_rowid,
             v.version,
             v.kind.as_str(),
             v.created,
@@ -187,6 +196,9 @@ pub(super) fn add_version(
             aws.map(|a| a.access_key_id.as_str()),
             check.map(|c| &c.iv[..]),
             check.map(|c| c.sealed.as_slice()),
+            refusal.map(|r| r.code.as_str()),
+            refusal.map(|r| r.why.as_str()),
+            refusal.map(|r| r.at),
         ],
     )?;
     Ok(())
